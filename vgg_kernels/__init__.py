@@ -1,0 +1,20 @@
+"""vgg_kernels: fused conv + BatchNorm + ReLU (+ max-pool) kernels and a drop-in VGG for PyTorch."""
+
+from vgg_kernels import ops
+from vgg_kernels.backends import BACKEND_ENV, BackendFallbackWarning, available_backends
+from vgg_kernels.layers import FusedConvBNReLU
+from vgg_kernels.models import CONFIGS, FusedVGG, make_eager_vgg
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_ENV",
+    "BackendFallbackWarning",
+    "CONFIGS",
+    "FusedConvBNReLU",
+    "FusedVGG",
+    "available_backends",
+    "make_eager_vgg",
+    "ops",
+    "__version__",
+]

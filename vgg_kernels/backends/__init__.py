@@ -1,0 +1,145 @@
+"""Backend registry: every backend implements the same op contract; this module picks one.
+
+A backend is an object with a ``name``, an ``unavailable_reason(device, dtype, op)`` that returns
+``None`` when it can run ``op`` on that device and dtype (else a sentence saying why not), and one
+method per op it implements. Ops (see vgg_kernels/ops):
+
+``conv_bn_relu_infer(x, weight, scale, shift, pool) -> y``
+    ``x``: (N, C, H, W), any memory format; ``weight``: (K, C, R, R) with R in {1, 3};
+    ``scale``, ``shift``: fp32 (K,); ``y = maxpool2x2?(relu(conv(x, weight) * scale + shift))``,
+    (N, K, H', W') in ``x``'s dtype, channels_last.
+
+Choice (``backend='auto'``): CUDA tensors -> triton, else native, else reference; CPU tensors ->
+native, else reference. ``VGG_KERNELS_BACKEND`` replaces ``'auto'``; an explicit name passed as
+``backend=`` wins over it. When the chosen backend cannot run, the next one in the chain runs and
+one warning per (asked, used, reason) says so.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Protocol
+
+import torch
+
+BACKEND_ENV = "VGG_KERNELS_BACKEND"
+BACKEND_NAMES = ("auto", "triton", "native", "reference")
+OPS = ("conv_bn_relu_infer",)
+
+
+class BackendFallbackWarning(UserWarning):
+    """A requested backend could not run an op; another backend ran it instead."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype, op: str) -> str | None:
+        ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _REGISTRY[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name`` (not ``'auto'``)."""
+    _load_builtin_backends()
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES} (got {name!r})")
+    return _REGISTRY[name]
+
+
+def check_backend_name(name: object, argument: str = "backend") -> str:
+    """Validate a user-given backend name; returns it."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"{argument} must be one of {BACKEND_NAMES} (got {name!r})")
+    return name
+
+
+def _candidates(asked: str, device_type: str) -> list[str]:
+    if asked == "auto":
+        env = os.environ.get(BACKEND_ENV, "").strip()
+        if env and env != "auto":
+            check_backend_name(env, argument=f"environment variable {BACKEND_ENV}")
+            asked = env
+    if asked == "auto":
+        if device_type == "cuda":
+            return ["triton", "native", "reference"]
+        return ["native", "reference"]
+    return [asked] if asked == "reference" else [asked, "reference"]
+
+
+def _resolve(asked: str, device_type: str, device_index: int, dtype_name: str, op: str) -> str:
+    """Name of the backend that runs ``op``; warns once per fallback. Pure in its arguments."""
+    _load_builtin_backends()
+    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(
+        device_type
+    )
+    dtype = getattr(torch, dtype_name)
+    first_reason: tuple[str, str] | None = None
+    for name in _candidates(asked, device_type):
+        backend = _REGISTRY[name]
+        reason = backend.unavailable_reason(device, dtype, op)
+        if reason is None:
+            if first_reason is not None:
+                key = (asked, name, first_reason[1])
+                if key not in _WARNED:
+                    _WARNED.add(key)
+                    warnings.warn(
+                        f"vgg_kernels: backend {asked!r} asked for {op} on {device_type} "
+                        f"{dtype_name}; running {name!r} instead because backend "
+                        f"{first_reason[0]!r} {first_reason[1]}",
+                        BackendFallbackWarning,
+                        stacklevel=4,
+                    )
+            return name
+        if first_reason is None:
+            first_reason = (name, reason)
+    raise RuntimeError(f"vgg_kernels: no backend can run {op} on {device_type} {dtype_name}")
+
+
+def _resolve_constant(asked: str, device_type: str, device_index: int, dtype_name: str,
+                      op: str) -> str:
+    return _resolve(asked, device_type, device_index, dtype_name, op)
+
+
+try:  # torch.compile evaluates the choice once while tracing and keeps the name as a constant
+    _resolve_constant = torch._dynamo.assume_constant_result(_resolve_constant)
+except AttributeError:  # pragma: no cover - very old torch
+    pass
+
+
+def resolve_backend(asked: str, device: torch.device, dtype: torch.dtype, op: str) -> Backend:
+    """The backend object that runs ``op`` for tensors on ``device`` with ``dtype``."""
+    index = -1 if device.index is None else device.index
+    name = _resolve_constant(asked, device.type, index, str(dtype).replace("torch.", ""), op)
+    return _REGISTRY[name]
+
+
+def available_backends(device: torch.device, dtype: torch.dtype,
+                       op: str = "conv_bn_relu_infer") -> dict[str, str | None]:
+    """Every registered backend mapped to ``None`` (can run) or the reason it cannot."""
+    _load_builtin_backends()
+    return {name: b.unavailable_reason(device, dtype, op) for name, b in _REGISTRY.items()}
+
+
+_LOADED = False
+
+
+def _load_builtin_backends() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from vgg_kernels.backends import native, reference
+    from vgg_kernels.backends import triton as triton_backend
+
+    for module in (reference, triton_backend, native):
+        register_backend(module.BACKEND)

@@ -1,0 +1,68 @@
+"""Triton backend: implicit-GEMM conv kernels over NHWC (channels_last) tensors.
+
+CUDA tensors run compiled kernels; CPU tensors run under the Triton interpreter when
+``TRITON_INTERPRET=1`` was set before Triton was imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install raising something else
+        return f"cannot import triton ({type(error).__name__}: {error})"
+    return None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _cuda_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 7 or (major == 7 and minor < 5):
+        return f"needs a GPU of compute capability 7.5 or newer (got {major}.{minor})"
+    return None
+
+
+class TritonBackend:
+    """Implicit-GEMM Triton kernels (vgg_kernels/backends/triton/conv_bn_relu.py)."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype, op: str) -> str | None:
+        if op != "conv_bn_relu_infer":
+            return f"has no {op} kernel"
+        reason = _import_error()
+        if reason is not None:
+            return reason
+        if dtype not in _SUPPORTED_DTYPES:
+            return f"supports float32, float16 and bfloat16 (got {dtype})"
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return _cuda_reason(index)
+        if device.type == "cpu":
+            if interpreting():
+                return None
+            return "runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+        return f"does not run on {device.type} tensors"
+
+    def conv_bn_relu_infer(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                           shift: torch.Tensor, pool: bool) -> torch.Tensor:
+        from vgg_kernels.backends.triton.conv_bn_relu import conv_bn_relu_infer
+
+        return conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,317 @@
+"""Fused conv (3x3 pad 1 / 1x1) + folded BatchNorm + ReLU (+ 2x2/2 max-pool) inference kernel.
+
+Implicit GEMM over NHWC: rows are output pixels (M = N*H*W, or 4 * pooled pixels), columns are
+output channels (K), the reduction runs over taps x input channels (R*R*C). The A tile is gathered
+from the input with masks (zero padding comes from the mask), the B tile from the weights in
+(K, R, S, C) memory order (channels_last), so both loads are contiguous along the reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vgg_kernels.backends.triton import interpreting
+
+# Inputs with fewer channels than this use the flattened (R*S*C) reduction: the 3-channel first
+# layer becomes one 27-long reduction padded to 32, instead of 9 taps each padded to 16.
+FLAT_REDUCTION_MAX_CHANNELS = 16
+
+
+def _autotune_configs() -> list[triton.Config]:
+    """At most 8 configs per shape; pruned per shape by ``_prune_configs``.
+
+    num_warps stays at 4: Inductor's conv template saw wrong results with num_warps >= 8 on
+    non-1x1 convolutions. Stages: 4 fits Hopper's 228 KB of shared memory with 128x128x64 bf16
+    tiles (32 KB a stage); Ampere gets 3.
+    """
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    deep = 4 if hopper else 3
+    shapes = [
+        (128, 128, 64, deep), (128, 64, 64, deep), (64, 128, 64, deep), (128, 128, 32, deep),
+        (64, 64, 64, 3), (128, 64, 32, 4), (64, 64, 32, 4), (128, 128, 32, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
+        for m, n, k, s in shapes
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose reduction block is wider than the (padded) reduction, and output-channel
+    blocks far wider than K."""
+    args = {**named_args, **kwargs}
+    reduction = args["C"] * (args["R"] ** 2 if args["FLAT_K"] else 1)
+    k = args["K"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(reduction))
+            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(k))]
+    return kept or configs[:1]
+
+
+@triton.jit
+def conv_bn_relu_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    # sizes
+    C, H, W, K, HO, WO, M_TOTAL,
+    # strides (elements)
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    # meta-parameters
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M rows x BLOCK_N output channels) tile of
+    ``y = maxpool2x2?(relu(conv(x, w) * scale + shift))``.
+
+    x: (N, C, H, W) by strides (channels_last: stride_xc == 1); w: (K, C, R, R) by strides
+    (channels_last: stride_wc == 1); scale, shift: fp32 (K,); y: (N, K, HO, WO) by strides.
+    Rows are output pixels; with POOL, ``BLOCK_M // 4`` pooled pixels, each row group
+    ``p = row // (BLOCK_M // 4)`` holding window position (p // 2, p % 2). M_TOTAL counts
+    output (pooled) pixels. Padding is R // 2 on every side.
+    """
+    PAD: tl.constexpr = R // 2
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    num_n = tl.cdiv(K, BLOCK_N)
+    pid = tl.program_id(0)
+    # Programs that share an M tile run next to each other: the input tile is read from L2.
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    rows = tl.arange(0, BLOCK_M)
+    if POOL:
+        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows % ROWS_OUT
+        window = rows // ROWS_OUT
+    else:
+        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows
+    row_ok = out_pixel < M_TOTAL
+    n = out_pixel // (HO * WO)
+    rem = (out_pixel % (HO * WO)).to(tl.int32)
+    oh = rem // WO
+    ow = rem % WO
+    if POOL:
+        oh = oh * 2 + window // 2
+        ow = ow * 2 + window % 2
+    x_row = x_ptr + n * stride_xn  # int64 image offset; in-image offsets fit in int32
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    w_col = w_ptr + cols.to(tl.int64) * stride_wk
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        # reduction index q = (r * R + s) * C + c, split per element
+        for q0 in range(0, R * R * C, BLOCK_K):
+            q = q0 + offs_k
+            q_ok = q < R * R * C
+            tap = q // C
+            c = q % C
+            r = tap // R
+            s = tap % R
+            ih = oh[:, None] + r[None, :] - PAD
+            iw = ow[:, None] + s[None, :] - PAD
+            a_mask = (row_ok[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H)
+                      & (iw >= 0) & (iw < W))
+            a = tl.load(x_row[:, None] + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc,
+                        mask=a_mask, other=0.0)
+            b = tl.load(w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None],
+                        mask=q_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # one loop over (tap, channel block) so the pipeliner overlaps loads across taps
+        num_c = tl.cdiv(C, BLOCK_K)
+        for t in range(0, R * R * num_c):
+            tap = t // num_c
+            c = (t % num_c) * BLOCK_K + offs_k
+            r = tap // R
+            s = tap % R
+            ih = oh + r - PAD
+            iw = ow + s - PAD
+            pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_row[:, None] + (ih * stride_xh + iw * stride_xw)[:, None] \
+                + c[None, :] * stride_xc
+            b_ptrs = w_col[None, :] + (c * stride_wc)[:, None] + (r * stride_wr + s * stride_ws)
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=pix_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                c_ok = c < C
+                a = tl.load(a_ptrs, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    acc = tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+    if POOL:
+        # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
+        acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
+        pixel = pid_m.to(tl.int64) * ROWS_OUT + tl.arange(0, ROWS_OUT)
+        pixel_ok = pixel < M_TOTAL
+        yn = pixel // (HO * WO)
+        yrem = (pixel % (HO * WO)).to(tl.int32)
+        yh = yrem // WO
+        yw = yrem % WO
+    else:
+        pixel_ok = row_ok
+        yn = n
+        yh = oh
+        yw = ow
+    y_ptrs = (y_ptr + yn[:, None] * stride_yn + (yh * stride_yh + yw * stride_yw)[:, None]
+              + cols[None, :] * stride_yc)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=pixel_ok[:, None] & col_ok[None, :])
+
+
+_autotuned_kernel = None
+
+
+def _kernel_for_launch():
+    """The autotuned kernel on GPUs; the plain one (fixed small blocks) in the interpreter."""
+    global _autotuned_kernel
+    if interpreting():
+        return conv_bn_relu_fwd_kernel
+    if _autotuned_kernel is None:
+        options = {}
+        if "cache_results" in triton.autotune.__code__.co_varnames:
+            options["cache_results"] = True  # keep the tuned choice across processes
+        _autotuned_kernel = triton.autotune(
+            configs=_autotune_configs(),
+            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+            **options,
+        )(conv_bn_relu_fwd_kernel)
+    return _autotuned_kernel
+
+
+# Interpreter blocks: small, so that odd test shapes cross every block boundary.
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+            pool: bool, y: torch.Tensor, launcher) -> None:
+    n, c, h, w = x.shape
+    k, r = weight.shape[0], weight.shape[-1]
+    ho, wo = y.shape[2], y.shape[3]
+    m_total = n * ho * wo
+    if max(c * h * w, k * h * w) >= 2**31:
+        raise ValueError(f"x must have fewer than 2**31 elements per image (got C*H*W = "
+                         f"{c * h * w}, K*H*W = {k * h * w})")
+    flat = c <= FLAT_REDUCTION_MAX_CHANNELS and r > 1
+    interp = interpreting()
+    meta = dict(
+        R=r, POOL=pool, FLAT_K=flat, EVEN_C=False,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        UPCAST=interp and x.dtype == torch.bfloat16,
+    )
+    kernel = _kernel_for_launch()
+    if interp:
+        blocks = dict(INTERPRETER_BLOCKS)
+        meta["EVEN_C"] = c % blocks["BLOCK_K"] == 0
+        meta.update(blocks)
+    else:
+        # every tuned BLOCK_K divides 64: a multiple of 64 channels needs no channel mask
+        meta["EVEN_C"] = c % 64 == 0
+
+    def grid(meta_):
+        rows_out = meta_["BLOCK_M"] // 4 if pool else meta_["BLOCK_M"]
+        return (triton.cdiv(m_total, rows_out) * triton.cdiv(k, meta_["BLOCK_N"]),)
+
+    launcher(kernel)[grid](
+        x, weight, scale, shift, y,
+        c, h, w, k, ho, wo, m_total,
+        *x.stride(), *weight.stride(), *y.stride(),
+        **meta,
+    )
+
+
+# Tests set this: outputs start as NaN, so an element the kernel never writes fails the test.
+POISON_OUTPUTS = False
+
+
+def _prepare(x, weight, scale, shift, pool):
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    scale = scale.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    n, _, h, w = x.shape
+    ho, wo = (h // 2, w // 2) if pool else (h, w)
+    y = torch.empty((n, weight.shape[0], ho, wo), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    if POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    return x, weight, scale, shift, y
+
+
+def _direct(kernel):
+    return kernel
+
+
+def conv_bn_relu_infer_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                             shift: torch.Tensor, pool: bool) -> torch.Tensor:
+    """Launch the kernel directly (no torch.library op). Shapes as ``conv_bn_relu_infer``."""
+    x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
+    _launch(x, weight, scale, shift, pool, y, _direct)
+    return y
+
+
+def _register_op():
+    """Register ``vgg_kernels::triton_conv_bn_relu_infer`` so torch.compile traces the launch.
+
+    ``triton_op`` + ``wrap_triton`` where torch has them (2.6+): Inductor sees the kernel itself.
+    Older torch: an opaque ``custom_op`` with a fake kernel.
+    """
+    name = "vgg_kernels::triton_conv_bn_relu_infer"
+    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+        @torch.library.triton_op(name, mutates_args=())
+        def op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+               pool: bool) -> torch.Tensor:
+            x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
+            _launch(x, weight, scale, shift, pool, y, torch.library.wrap_triton)
+            return y
+
+        return op
+
+    @torch.library.custom_op(name, mutates_args=())
+    def op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+           pool: bool) -> torch.Tensor:
+        return conv_bn_relu_infer_eager(x, weight, scale, shift, pool)
+
+    @op.register_fake
+    def _(x, weight, scale, shift, pool):
+        n, _, h, w = x.shape
+        ho, wo = (h // 2, w // 2) if pool else (h, w)
+        return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(
+            memory_format=torch.channels_last)
+
+    return op
+
+
+conv_bn_relu_infer_op = _register_op()
+
+
+def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       shift: torch.Tensor, pool: bool) -> torch.Tensor:
+    """``maxpool2x2?(relu(conv(x, weight) * scale + shift))`` with the Triton kernel.
+
+    x: (N, C, H, W) fp32/fp16/bf16 (made channels_last if it is not); weight: (K, C, R, R),
+    R in {1, 3}; scale, shift: (K,) fp32. Returns (N, K, H', W') channels_last in x's dtype.
+    fp32 uses tf32 when ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does.
+    """
+    return conv_bn_relu_infer_op(x, weight, scale, shift, pool)

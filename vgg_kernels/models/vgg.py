@@ -1,0 +1,283 @@
+"""VGG configurations A, A-LRN, B, C, D, E (Simonyan & Zisserman) as FusedVGG, with torchvision's
+state_dict layout, plus the plain eager model with the same layout (``make_eager_vgg``)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from vgg_kernels.backends import check_backend_name
+from vgg_kernels.layers import FusedConvBNReLU
+
+# An int is a 3x3 conv with that many output channels, (k, 1) a 1x1 conv, "M" a 2x2/2 max-pool,
+# "LRN" LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2).
+CONFIGS: dict[str, list[Any]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M",
+          512, 512, (512, 1), "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+          512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+          512, 512, 512, 512, "M"],
+}
+
+# torchvision's model names -> (config, batch_norm)
+TORCHVISION_NAMES: dict[str, tuple[str, bool]] = {
+    f"vgg{depth}{suffix}": (config, suffix == "_bn")
+    for depth, config in (("11", "A"), ("13", "B"), ("16", "D"), ("19", "E"))
+    for suffix in ("", "_bn")
+}
+
+
+def parse_config(config: str, batch_norm: bool | None = None) -> tuple[str, bool]:
+    """Map ``'D'``, ``'d'``, ``'vgg16'`` or ``'vgg16_bn'`` to (config letter, batch_norm).
+
+    A torchvision name fixes ``batch_norm``; passing a contradicting ``batch_norm`` is an error.
+    """
+    if not isinstance(config, str):
+        raise TypeError(f"config must be a str such as 'D' or 'vgg16_bn' (got "
+                        f"{type(config).__name__})")
+    if config in TORCHVISION_NAMES:
+        letter, bn = TORCHVISION_NAMES[config]
+        if batch_norm is not None and batch_norm != bn:
+            raise ValueError(f"config {config!r} implies batch_norm={bn} "
+                             f"(got batch_norm={batch_norm})")
+        return letter, bn
+    letter = config.upper()
+    if letter not in CONFIGS:
+        names = sorted(CONFIGS) + sorted(TORCHVISION_NAMES)
+        raise ValueError(f"config must be one of {names} (got {config!r})")
+    return letter, True if batch_norm is None else bool(batch_norm)
+
+
+def _layer_specs(config: str):
+    """Yield ("conv", (out_channels, kernel, pool_follows)), ("lrn", None) or ("pool", None)."""
+    items = CONFIGS[config]
+    for i, item in enumerate(items):
+        if item == "M":
+            yield "pool", None
+        elif item == "LRN":
+            yield "lrn", None
+        else:
+            out, k = item if isinstance(item, tuple) else (item, 3)
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            yield "conv", (out, k, nxt == "M")
+
+
+def _make_lrn() -> nn.LocalResponseNorm:
+    return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+def _make_classifier(num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(p=dropout),
+        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(p=dropout),
+        nn.Linear(4096, num_classes),
+    )
+
+
+def _init_weights(model: nn.Module) -> None:
+    """torchvision's VGG initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
+
+
+def _check_common_args(num_classes: int, dropout: float) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int (got {num_classes!r})")
+    if not 0.0 <= float(dropout) <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1] (got {dropout!r})")
+
+
+class FusedVGG(nn.Module):
+    """VGG with every conv + BN + ReLU (+ following max-pool) run as one fused block.
+
+    ``FusedVGG('D')`` is torchvision's ``vgg16_bn``; ``FusedVGG('D', batch_norm=False)`` or
+    ``FusedVGG('vgg16')`` its ``vgg16``. The state_dict has torchvision's keys and shapes, so
+    torchvision checkpoints load with ``strict=True`` and ours load into torchvision.
+
+    Input: (N, 3, H, W) with H, W >= 32 (five 2x2 pools); it is converted to channels_last once.
+    Output: (N, num_classes) logits.
+    """
+
+    def __init__(self, config: str = "D", *, batch_norm: bool | None = None,
+                 num_classes: int = 1000, dropout: float = 0.5, init_weights: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.config, self.batch_norm = parse_config(config, batch_norm)
+        _check_common_args(num_classes, dropout)
+        self.backend = check_backend_name(backend)
+        self.in_channels = 3
+        features: list[nn.Module] = []
+        # (our module index, torchvision index of the conv) for every fused block
+        self._key_map: list[tuple[int, int]] = []
+        tv_index, in_ch, skip_pool = 0, 3, False
+        for kind, arg in _layer_specs(self.config):
+            if kind == "conv":
+                out, k, pool_follows = arg
+                # A-LRN's LRN sits between the first conv and its pool: keep that pool separate.
+                fuse_pool = pool_follows
+                features.append(FusedConvBNReLU(in_ch, out, k, batch_norm=self.batch_norm,
+                                                pool=fuse_pool, backend=backend))
+                self._key_map.append((len(features) - 1, tv_index))
+                tv_index += 3 if self.batch_norm else 2
+                skip_pool, in_ch = fuse_pool, out
+            elif kind == "lrn":
+                features.append(_make_lrn())
+                tv_index += 1
+            else:
+                if not skip_pool:
+                    features.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                tv_index += 1
+                skip_pool = False
+        self.num_pools = sum(1 for item in CONFIGS[self.config] if item == "M")
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = _make_classifier(num_classes, dropout)
+        if init_weights:
+            _init_weights(self)
+        self._register_state_dict_hook(_to_torchvision_keys)
+        self._register_load_state_dict_pre_hook(self._from_torchvision_keys)
+
+    # -- state_dict layout -------------------------------------------------------------------
+
+    def _key_pairs(self) -> list[tuple[str, str]]:
+        """(our sub-module prefix, torchvision prefix) pairs, relative to the model."""
+        pairs = []
+        for ours, tv in self._key_map:
+            pairs.append((f"features.{ours}.conv", f"features.{tv}"))
+            if self.batch_norm:
+                pairs.append((f"features.{ours}.bn", f"features.{tv + 1}"))
+        return pairs
+
+    def _from_torchvision_keys(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                               unexpected_keys, error_msgs) -> None:
+        _rename_keys(state_dict, prefix, {tv: ours for ours, tv in self._key_pairs()})
+
+    @classmethod
+    def from_torchvision(cls, model: nn.Module, *, backend: str = "auto") -> FusedVGG:
+        """Convert one of torchvision's eight VGGs (weights and BN buffers included)."""
+        features = getattr(model, "features", None)
+        classifier = getattr(model, "classifier", None)
+        if not isinstance(features, nn.Sequential) or not isinstance(classifier, nn.Sequential):
+            raise TypeError(f"model must be a torchvision VGG (got {type(model).__name__})")
+        convs = [m for m in features if isinstance(m, nn.Conv2d)]
+        has_bn = any(isinstance(m, nn.BatchNorm2d) for m in features)
+        by_depth = {8: "A", 10: "B", 13: "D", 16: "E"}
+        if len(convs) not in by_depth:
+            raise ValueError(f"model must be a torchvision VGG with 8, 10, 13 or 16 convs "
+                             f"(got {len(convs)})")
+        last = classifier[-1]
+        dropout = next((m.p for m in classifier if isinstance(m, nn.Dropout)), 0.5)
+        fused = cls(by_depth[len(convs)], batch_norm=has_bn, num_classes=last.out_features,
+                    dropout=dropout, init_weights=False, backend=backend)
+        bns = [m for m in features if isinstance(m, nn.BatchNorm2d)]
+        blocks = [b for b in fused.features if isinstance(b, FusedConvBNReLU)]
+        for block, bn in zip(blocks, bns, strict=False):  # bns is empty without BN
+            block.bn.eps, block.bn.momentum = bn.eps, bn.momentum
+        reference = next(iter(model.parameters()))
+        fused.to(device=reference.device, dtype=reference.dtype)
+        fused.load_state_dict(model.state_dict(), strict=True)
+        fused.train(model.training)
+        return fused
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``TypeError``/``ValueError`` naming what is wrong with a model input."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (got {x.dtype})")
+        if x.dim() != 4:
+            raise ValueError(f"x must be a 4-D tensor (N, 3, H, W); got {x.dim()}-D shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have {self.in_channels} channels (got {x.shape[1]})")
+        least = 2 ** self.num_pools
+        if x.shape[2] < least or x.shape[3] < least:
+            raise ValueError(f"x must be at least {least}x{least} for config {self.config!r} "
+                             f"({self.num_pools} max-pools); got {x.shape[2]}x{x.shape[3]}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def _rename_keys(state_dict, prefix: str, mapping: dict[str, str]) -> None:
+    """Rename ``prefix + old + '.'...`` keys (and metadata) to ``new``, keeping the order."""
+    def rename(key: str) -> str:
+        if not key.startswith(prefix):
+            return key
+        rest = key[len(prefix):]
+        module, dot, leaf = rest.rpartition(".")
+        head = module if dot else rest
+        if head in mapping:
+            return prefix + mapping[head] + (dot + leaf if dot else "")
+        return key
+
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        state_dict[rename(key)] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in list(metadata):
+            full = key + "." if key else ""
+            if full.startswith(prefix) and key[len(prefix):] in mapping:
+                metadata[prefix + mapping[key[len(prefix):]]] = metadata[key]
+
+
+def _to_torchvision_keys(module: FusedVGG, state_dict, prefix: str, local_metadata) -> None:
+    _rename_keys(state_dict, prefix, dict(module._key_pairs()))
+
+
+def make_eager_vgg(config: str = "D", *, batch_norm: bool | None = None,
+                   num_classes: int = 1000, dropout: float = 0.5,
+                   init_weights: bool = True) -> nn.Module:
+    """The plain eager model (Conv2d, BatchNorm2d, ReLU, MaxPool2d modules) with torchvision's
+    layout and state_dict keys, for every config including A-LRN and C. Loads a FusedVGG's
+    state_dict with ``strict=True``."""
+    letter, bn = parse_config(config, batch_norm)
+    _check_common_args(num_classes, dropout)
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for kind, arg in _layer_specs(letter):
+        if kind == "conv":
+            out, k, _ = arg
+            layers.append(nn.Conv2d(in_ch, out, k, padding=k // 2))
+            if bn:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = out
+        elif kind == "lrn":
+            layers.append(_make_lrn())
+        else:
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    model = nn.Sequential(OrderedDict([
+        ("features", nn.Sequential(*layers)),
+        ("avgpool", nn.AdaptiveAvgPool2d((7, 7))),
+        ("flatten", nn.Flatten(1)),
+        ("classifier", _make_classifier(num_classes, dropout)),
+    ]))
+    if init_weights:
+        _init_weights(model)
+    return model

@@ -1,0 +1,196 @@
+"""Public functional ops: fused conv (3x3 pad 1 or 1x1) + BatchNorm + ReLU (+ 2x2/2 max-pool).
+
+Tensors are (N, C, H, W) in shape; the backends work in channels_last (NHWC) memory and return
+channels_last outputs. Accumulation and BN statistics are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vgg_kernels.backends import check_backend_name, resolve_backend
+from vgg_kernels.backends.reference import (
+    conv_bn_relu_infer_backward,
+    conv_bn_relu_infer_reference,
+)
+
+__all__ = [
+    "fold_bn",
+    "conv_bn_relu_infer",
+    "conv_bn_relu_train",
+    "conv_bn_relu",
+    "check_conv_inputs",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_conv_inputs(x: torch.Tensor, weight: torch.Tensor, pool: bool = False) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument when ``x``/``weight`` do not fit.
+
+    x: (N, C, H, W) floating point; weight: (K, C, R, R) with R in {1, 3}, on ``x``'s device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor (got {type(weight).__name__})")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"x must be a floating-point tensor (float32, float16, bfloat16 or float64); "
+            f"got {x.dtype}"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W); got {x.dim()}-D shape "
+                         f"{tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D tensor (K, C, R, R); got {weight.dim()}-D")
+    k_h, k_w = weight.shape[-2:]
+    if k_h != k_w or k_h not in (1, 3):
+        raise ValueError(f"weight must have kernel size 3x3 or 1x1; got {k_h}x{k_w}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must have {weight.shape[1]} channels to match weight "
+                         f"(got {x.shape[1]})")
+    if x.device != weight.device:
+        raise ValueError(f"weight must be on x's device {x.device} (got {weight.device})")
+    if pool and x.shape[0] > 0 and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"x must be at least 2x2 for the fused 2x2 max-pool; got "
+                         f"{x.shape[2]}x{x.shape[3]}")
+
+
+def _check_channel_vector(name: str, t: torch.Tensor | None, k: int, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (got {type(t).__name__})")
+    if t.dim() != 1 or t.shape[0] != k:
+        raise ValueError(f"{name} must have shape ({k},) (got {tuple(t.shape)})")
+    if t.device != device:
+        raise ValueError(f"{name} must be on x's device {device} (got {t.device})")
+
+
+def fold_bn(conv_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+            running_var: torch.Tensor | None, bn_weight: torch.Tensor | None,
+            bn_bias: torch.Tensor | None, eps: float, out_channels: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold eval-mode BatchNorm (and the conv bias) into a per-channel fp32 scale and shift.
+
+    ``bn(conv(x) + b) = conv(x) * scale + shift`` with ``scale = gamma / sqrt(var + eps)`` and
+    ``shift = beta + (b - mean) * scale``. Absent statistics mean no BatchNorm (scale 1); absent
+    ``bn_weight``/``bn_bias`` mean ``affine=False``. Differentiable.
+    """
+    f32 = torch.float32
+    bias = (torch.zeros(out_channels, device=device, dtype=f32) if conv_bias is None
+            else conv_bias.to(f32))
+    if running_mean is None or running_var is None:
+        return torch.ones(out_channels, device=device, dtype=f32), bias
+    scale = torch.rsqrt(running_var.to(f32) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(f32)
+    shift = (bias - running_mean.to(f32)) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(f32)
+    return scale, shift
+
+
+class _ConvBNReLUInfer(torch.autograd.Function):
+    """A backend's forward kernel, with the backward computed by PyTorch ops (eval-mode grads)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, pool, backend):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, scale, shift)
+        ctx.pool = pool
+        return backend.conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, scale, shift = ctx.saved_tensors
+        grads = conv_bn_relu_infer_backward(grad_y, x, weight, scale, shift, ctx.pool,
+                                            tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None)
+
+
+def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       shift: torch.Tensor, *, pool: bool = False,
+                       backend: str = "auto") -> torch.Tensor:
+    """Inference block: ``maxpool2x2?(relu(conv(x, weight) * scale + shift))``.
+
+    Args:
+        x: (N, C, H, W) input, fp32/fp16/bf16 (fp64 on the reference backend).
+        weight: (K, C, 3, 3) (padding 1) or (K, C, 1, 1) (no padding).
+        scale, shift: (K,) per-channel affine applied to the fp32 accumulator; see ``fold_bn``.
+        pool: apply ``nn.MaxPool2d(2)`` (floor semantics) after the ReLU.
+        backend: ``'auto'``, ``'triton'``, ``'native'`` or ``'reference'``.
+
+    Returns:
+        (N, K, H', W') channels_last tensor in ``x``'s dtype.
+    """
+    check_backend_name(backend)
+    check_conv_inputs(x, weight, pool)
+    k = weight.shape[0]
+    _check_channel_vector("scale", scale, k, x.device)
+    _check_channel_vector("shift", shift, k, x.device)
+    if x.shape[0] == 0:
+        h, w = x.shape[2:]
+        shape = (0, k, h // 2, w // 2) if pool else (0, k, h, w)
+        return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_infer")
+    if impl.name == "reference":
+        return conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift)):
+        return _ConvBNReLUInfer.apply(x, weight, scale, shift, pool, impl)
+    return impl.conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+
+def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
+                       running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+                       momentum: float = 0.1, eps: float = 1e-5, pool: bool = False,
+                       backend: str = "auto") -> torch.Tensor:
+    """Training block: conv, BatchNorm with batch statistics, ReLU, optional 2x2 max-pool.
+
+    Semantics are ``nn.BatchNorm2d``'s in train mode: normalise with the biased batch variance;
+    when ``running_mean``/``running_var`` are given, update them in place with ``momentum``
+    (the unbiased variance goes into ``running_var``). Differentiable.
+
+    Training kernels are not part of any fused backend yet, so every backend runs this through
+    PyTorch ops; ``backend`` is validated and otherwise accepted for forward compatibility.
+    """
+    check_backend_name(backend)
+    check_conv_inputs(x, weight, pool)
+    k = weight.shape[0]
+    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, t, k, x.device)
+    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training=True,
+                     momentum=momentum, eps=eps)
+    y = torch.relu(y)
+    if pool:
+        y = F.max_pool2d(y, 2)
+    return y
+
+
+def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 bn_weight: torch.Tensor | None = None, bn_bias: torch.Tensor | None = None,
+                 running_mean: torch.Tensor | None = None,
+                 running_var: torch.Tensor | None = None, *, batch_norm: bool = True,
+                 training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                 pool: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Conv + BatchNorm + ReLU (+ pool) with ``F.batch_norm``'s choice of statistics.
+
+    Batch statistics are used when ``training`` or when no running statistics are given (as
+    ``nn.BatchNorm2d`` does with ``track_running_stats=False``); otherwise BN is folded into a
+    scale and shift and the inference kernel runs. ``batch_norm=False`` gives conv + ReLU.
+    """
+    k = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 4 else 0
+    if batch_norm and (training or running_mean is None or running_var is None):
+        return conv_bn_relu_train(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                  running_var, momentum=momentum, eps=eps, pool=pool,
+                                  backend=backend)
+    if not batch_norm:
+        running_mean = running_var = bn_weight = bn_bias = None
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    check_conv_inputs(x, weight, pool)
+    scale, shift = fold_bn(bias, running_mean, running_var, bn_weight, bn_bias, eps, k, device)
+    return conv_bn_relu_infer(x, weight, scale, shift, pool=pool, backend=backend)
