@@ -9,6 +9,14 @@ method per op it implements. Ops (see vgg_kernels/ops):
     ``scale``, ``shift``: fp32 (K,); ``y = maxpool2x2?(relu(conv(x, weight) * scale + shift))``,
     (N, K, H', W') in ``x``'s dtype, channels_last.
 
+``conv_bn_relu_train`` is three methods (BN with batch statistics; see ops._ConvBNReLUTrain):
+    ``conv_bn_stats(x, weight, bias) -> (z, sum, sumsq)``: z = conv(x, weight) + bias
+    (channels_last, x's dtype) and per-channel fp32 sums of z and z**2 over (N, H, W), taken
+    from the accumulator in the conv epilogue;
+    ``bn_relu_pool(z, scale, shift, pool) -> y``: ``maxpool2x2?(relu(z * scale + shift))``;
+    ``bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool) -> (grad_z, grad_gamma,
+    grad_beta)``: pool + ReLU + BN backward, one reduction pass and one elementwise pass.
+
 Choice (``backend='auto'``): CUDA tensors -> triton, else native, else reference; CPU tensors ->
 native, else reference. ``VGG_KERNELS_BACKEND`` replaces ``'auto'``; an explicit name passed as
 ``backend=`` wins over it. When the chosen backend cannot run, the next one in the chain runs and
@@ -25,7 +33,7 @@ import torch
 
 BACKEND_ENV = "VGG_KERNELS_BACKEND"
 BACKEND_NAMES = ("auto", "triton", "native", "reference")
-OPS = ("conv_bn_relu_infer",)
+OPS = ("conv_bn_relu_infer", "conv_bn_relu_train")
 
 
 class BackendFallbackWarning(UserWarning):

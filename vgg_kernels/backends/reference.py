@@ -52,6 +52,66 @@ def conv_bn_relu_infer_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: t
     return grad_x, grad_w, grad_scale, grad_shift
 
 
+def conv_bn_stats_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward, first half: ``z = conv(x, weight) + bias`` and its per-channel fp32 sum
+    and sum of squares over (N, H, W) (float64 for float64 inputs). z: channels_last, x's dtype.
+    """
+    padding = weight.shape[-1] // 2
+    compute = torch.promote_types(x.dtype, torch.float32)
+    z = F.conv2d(x, weight.to(x.dtype), padding=padding).to(compute)
+    if bias is not None:
+        z = z + bias.to(compute).view(1, -1, 1, 1)
+    stats = (z.sum((0, 2, 3)), z.square().sum((0, 2, 3)))
+    return z.to(x.dtype).contiguous(memory_format=torch.channels_last), *stats
+
+
+def bn_relu_pool_reference(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                           pool: bool) -> torch.Tensor:
+    """Training forward, second half: ``maxpool2x2?(relu(z * scale + shift))``, x's dtype.
+
+    scale = gamma * invstd and shift = beta - mean * scale, per channel (fp32)."""
+    compute = torch.promote_types(z.dtype, torch.float32)
+    y = torch.relu(z.to(compute) * scale.to(compute).view(1, -1, 1, 1)
+                   + shift.to(compute).view(1, -1, 1, 1)).to(z.dtype)
+    if pool:
+        y = F.max_pool2d(y, 2)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def bn_relu_backward_reference(grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
+                               invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                               pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``maxpool2x2?(relu(gamma * (z - mean) * invstd + beta))`` with batch
+    statistics (mean and invstd depend on z): returns (grad_z, grad_gamma, grad_beta).
+
+    One reduction (sum g, sum g * xhat over N, H, W, with g the gradient reaching the BN output
+    through the pool and the ReLU mask), then one elementwise pass:
+    ``grad_z = gamma * invstd * (g - (sum g + xhat * sum g xhat) / count)``.
+    """
+    compute = torch.promote_types(z.dtype, torch.float32)
+    view = (1, -1, 1, 1)
+    zc = z.to(compute)
+    xhat = (zc - mean.to(compute).view(view)) * invstd.to(compute).view(view)
+    pre = xhat * gamma.to(compute).view(view) + beta.to(compute).view(view)
+    if pool:
+        activation = torch.relu(pre).to(z.dtype)
+        _, indices = F.max_pool2d(activation, 2, return_indices=True)
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_y.to(z.dtype), activation, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        ).to(compute)
+    else:
+        grad = grad_y.to(compute)
+    g = grad * (pre > 0)
+    count = z.shape[0] * z.shape[2] * z.shape[3]
+    grad_beta = g.sum((0, 2, 3))
+    grad_gamma = (g * xhat).sum((0, 2, 3))
+    grad_z = (gamma.to(compute) * invstd.to(compute)).view(view) * (
+        g - (grad_beta.view(view) + xhat * grad_gamma.view(view)) / count)
+    return (grad_z.to(z.dtype).contiguous(memory_format=torch.channels_last),
+            grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype))
+
+
 class ReferenceBackend:
     """Plain PyTorch; runs everywhere, every dtype torch's conv2d supports."""
 
@@ -63,6 +123,15 @@ class ReferenceBackend:
     def conv_bn_relu_infer(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                            shift: torch.Tensor, pool: bool) -> torch.Tensor:
         return conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
+
+    def conv_bn_stats(self, x, weight, bias):
+        return conv_bn_stats_reference(x, weight, bias)
+
+    def bn_relu_pool(self, z, scale, shift, pool):
+        return bn_relu_pool_reference(z, scale, shift, pool)
+
+    def bn_relu_backward(self, grad_y, z, mean, invstd, gamma, beta, pool):
+        return bn_relu_backward_reference(grad_y, z, mean, invstd, gamma, beta, pool)
 
 
 BACKEND = ReferenceBackend()

@@ -142,6 +142,67 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return impl.conv_bn_relu_infer(x, weight, scale, shift, pool)
 
 
+class _ConvBNReLUTrain(torch.autograd.Function):
+    """Training block on a backend's kernels: conv + statistics, normalise + ReLU (+ pool), and
+    the fused BN + ReLU backward; dgrad and wgrad run through PyTorch (cuDNN on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,  # type: ignore[override]
+                momentum, eps, pool, backend):
+        z, total, total_sq = backend.conv_bn_stats(x, weight, bias)
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        stats_dtype = total.dtype
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        k = weight.shape[0]
+        gamma = (bn_weight.to(stats_dtype) if bn_weight is not None
+                 else torch.ones(k, device=x.device, dtype=stats_dtype))
+        beta = (bn_bias.to(stats_dtype) if bn_bias is not None
+                else torch.zeros(k, device=x.device, dtype=stats_dtype))
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                unbiased = var * (count / (count - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype),
+                                                    alpha=momentum)
+        scale = gamma * invstd
+        y = backend.bn_relu_pool(z, scale, beta - mean * scale, pool)
+        ctx.save_for_backward(x, weight, z, mean, invstd, gamma, beta)
+        ctx.pool, ctx.backend = pool, backend
+        ctx.has_bias, ctx.affine = bias is not None, bn_weight is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, z, mean, invstd, gamma, beta = ctx.saved_tensors
+        grad_z, grad_gamma, grad_beta = ctx.backend.bn_relu_backward(
+            grad_y.contiguous(memory_format=torch.channels_last), z, mean, invstd, gamma, beta,
+            ctx.pool)
+        needs = ctx.needs_input_grad
+        padding = weight.shape[-1] // 2
+        grad_x = (torch.nn.grad.conv2d_input(x.shape, weight.to(z.dtype), grad_z, padding=padding)
+                  if needs[0] else None)
+        grad_w = (torch.nn.grad.conv2d_weight(x, weight.shape, grad_z, padding=padding)
+                  .to(weight.dtype) if needs[1] else None)
+        accumulate = torch.promote_types(grad_z.dtype, torch.float32)
+        grad_bias = (grad_z.sum((0, 2, 3), dtype=accumulate).to(weight.dtype)
+                     if ctx.has_bias and needs[2] else None)
+        if not ctx.affine:
+            grad_gamma = grad_beta = None
+        return grad_x, grad_w, grad_bias, grad_gamma, grad_beta, *([None] * 6)
+
+
+def _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                      momentum, eps, pool):
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if count <= 1:
+        raise ValueError(f"x must hold more than 1 value per channel in training (got shape "
+                         f"{tuple(x.shape)})")
+    return _ConvBNReLUTrain.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                  momentum, eps, pool, impl)
+
+
 def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
                        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
@@ -153,8 +214,9 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     when ``running_mean``/``running_var`` are given, update them in place with ``momentum``
     (the unbiased variance goes into ``running_var``). Differentiable.
 
-    Training kernels are not part of any fused backend yet, so every backend runs this through
-    PyTorch ops; ``backend`` is validated and otherwise accepted for forward compatibility.
+    A backend with training kernels (op ``conv_bn_relu_train``: ``conv_bn_stats``,
+    ``bn_relu_pool``, ``bn_relu_backward``) computes the statistics in the conv epilogue; the
+    reference backend runs ``F.conv2d`` + ``F.batch_norm`` + ReLU (+ ``F.max_pool2d``).
     """
     check_backend_name(backend)
     check_conv_inputs(x, weight, pool)
@@ -162,6 +224,11 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, k, x.device)
+    if x.shape[0] > 0:
+        impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_train")
+        if impl.name != "reference":
+            return _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean,
+                                     running_var, momentum, eps, pool)
     y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training=True,
                      momentum=momentum, eps=eps)
