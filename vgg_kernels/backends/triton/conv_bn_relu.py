@@ -205,7 +205,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-            pool: bool, y: torch.Tensor, launcher) -> None:
+            pool: bool, y: torch.Tensor, launcher, config: dict | None = None) -> None:
+    """Launch over all of y; ``config`` (BLOCK_*, num_warps, num_stages) bypasses autotuning."""
     n, c, h, w = x.shape
     k, r = weight.shape[0], weight.shape[-1]
     ho, wo = y.shape[2], y.shape[3]
@@ -221,8 +222,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
         UPCAST=interp and x.dtype == torch.bfloat16,
     )
     kernel = _kernel_for_launch()
-    if interp:
-        blocks = dict(INTERPRETER_BLOCKS)
+    if interp or config is not None:
+        kernel = conv_bn_relu_fwd_kernel
+        blocks = dict(INTERPRETER_BLOCKS if config is None else config)
         meta["EVEN_C"] = c % blocks["BLOCK_K"] == 0
         meta.update(blocks)
     else:
@@ -268,6 +270,15 @@ def conv_bn_relu_infer_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch
     """Launch the kernel directly (no torch.library op). Shapes as ``conv_bn_relu_infer``."""
     x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
     _launch(x, weight, scale, shift, pool, y, _direct)
+    return y
+
+
+def conv_bn_relu_infer_with_config(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                   shift: torch.Tensor, pool: bool, **config) -> torch.Tensor:
+    """As ``conv_bn_relu_infer`` with one explicit config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages): for testing every autotune config and for tuning sweeps."""
+    x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
+    _launch(x, weight, scale, shift, pool, y, _direct, config)
     return y
 
 

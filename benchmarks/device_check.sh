@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One bounded pass over a lent GPU: environment, build, GPU tests, benchmarks, one summary.
+#
+#   OUT=/some/dir VGG_KERNELS_COMMIT=<sha> bash benchmarks/device_check.sh [--quick]
+#
+# Every step runs under `timeout` and logs to $OUT/log.txt; a failing step does not stop the
+# next. $OUT/device_check.json records each step's status and time; the benchmark steps write
+# their own JSON next to it. The last lines printed are the summary table.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+export VGG_KERNELS_COMMIT=${VGG_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export VGG_KERNELS_CUDA_ARCHS=${VGG_KERNELS_CUDA_ARCHS:-9.0a}
+export MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STEPS=()
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" >>"$LOG"
+    local began=$SECONDS
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local took=$((SECONDS - began))
+    STEPS+=("$name $rc $took")
+    echo "=== $name: exit $rc after ${took}s" >>"$LOG"
+    echo "[$(date +%H:%M:%S)] $name: exit $rc after ${took}s"
+}
+
+# 1. environment
+{
+    echo "commit $VGG_KERNELS_COMMIT"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+        --format=csv 2>&1
+    $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name())"
+    nvcc --version 2>&1 | tail -n 1
+} >"$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt" >>"$LOG"
+
+# 2. build the C++/CUDA extension for this card only
+if [ -f benchmarks/device_native.sh ]; then
+    step build 240 bash benchmarks/device_native.sh build
+fi
+
+# 3. GPU tests: every backend against cuDNN
+step gpu-tests 300 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests
+
+# 4. benchmarks
+step tune-triton 240 $PY benchmarks/tune_triton.py --out "$OUT/tune_triton.json"
+step main-job 120 $PY -m vgg_kernels
+if [ $QUICK -eq 0 ] && $PY -c "import vgg_kernels.bench" 2>/dev/null; then
+    step bench-layers 300 $PY -m vgg_kernels.bench layers --config D --batch 64 --resolution 224 \
+        --dtype bf16 --out "$OUT/layers.json"
+    step bench-model 300 $PY -m vgg_kernels.bench model --config D --batch 64 --resolution 224 \
+        --dtype bf16 --out "$OUT/model.json"
+fi
+
+# 5. summary
+$PY - "$OUT" "${STEPS[@]}" <<'EOF'
+import json, os, sys
+out, steps = sys.argv[1], [s.split() for s in sys.argv[2:]]
+summary = {"commit": os.environ.get("VGG_KERNELS_COMMIT"),
+           "environment": open(os.path.join(out, "environment.txt")).read().splitlines(),
+           "steps": [{"name": n, "exit": int(rc), "seconds": int(t)} for n, rc, t in steps]}
+json.dump(summary, open(os.path.join(out, "device_check.json"), "w"), indent=1)
+print("\nstep            exit  seconds")
+for s in summary["steps"]:
+    print(f"{s['name']:<15} {s['exit']:>4}  {s['seconds']:>7}")
+EOF
+grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
+grep -E "^C[0-9]|geometric|matmul peak" "$LOG" | tail -n 16
+grep -E "images/s|speedup|max error" "$LOG" | tail -n 4
