@@ -108,3 +108,16 @@ def test_block_rejects_wrong_channel_count():
     block = FusedConvBNReLU(3, 8, backend="reference")
     with pytest.raises(ValueError, match="x must have 3 channels"):
         block(torch.randn(1, 4, 8, 8))
+
+
+def test_eval_fold_is_cached_and_refreshed_after_updates():
+    block = FusedConvBNReLU(3, 4, backend="reference").eval()
+    block.bn.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        first = block.folded_scale_shift()
+        assert block.folded_scale_shift()[0] is first[0]  # cached
+        block.bn.running_mean.add_(1.0)  # an in-place update bumps the version
+        second = block.folded_scale_shift()
+    assert second[0] is not first[0]
+    expected = block.bn.bias - block.bn.running_mean * second[0] + block.conv.bias * second[0]
+    torch.testing.assert_close(second[1], expected.detach())

@@ -38,11 +38,14 @@ class FusedConvBNReLU(nn.Module):
         self.backend = check_backend_name(backend)
         self.pool = bool(pool)
         factory = {"device": device, "dtype": dtype}
+        # channels_last weights ((K, R, S, C) in memory) are what the kernels read: no per-call
+        # copy. load_state_dict and .to() keep the memory format.
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                              **factory)
+                              **factory).to(memory_format=torch.channels_last)
         self.bn = (nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                                   track_running_stats=track_running_stats, **factory)
                    if batch_norm else None)
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -59,20 +62,49 @@ class FusedConvBNReLU(nn.Module):
     def extra_repr(self) -> str:
         return f"pool={self.pool}, backend={self.backend!r}"
 
+    def _fold_inputs(self) -> list[torch.Tensor | None]:
+        """conv bias, running mean, running var, gamma, beta (None where absent)."""
+        bn = self.bn
+        if bn is None:
+            return [self.conv.bias, None, None, None, None]
+        return [self.conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias]
+
+    def folded_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel fp32 (scale, shift) of the eval-mode block.
+
+        Cached while the parameters and statistics are unchanged (tensor versions and storage),
+        so eval-mode inference launches only the fused kernel per block; recomputed, and
+        differentiable, when autograd needs it.
+        """
+        inputs = self._fold_inputs()
+        eps = self.bn.eps if self.bn is not None else 0.0
+        device = self.conv.weight.device
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in inputs)):
+            return ops.fold_bn(*inputs, eps, self.out_channels, device)
+        key = (eps, device, *((None if t is None else (t.data_ptr(), t._version))
+                              for t in inputs))
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, *ops.fold_bn(*inputs, eps, self.out_channels, device))
+        return self._folded[1], self._folded[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
-        if bn is None:
-            return ops.conv_bn_relu(x, conv.weight, conv.bias, batch_norm=False, pool=self.pool,
-                                    backend=self.backend)
+        use_batch_stats = bn is not None and (
+            self.training or (bn.running_mean is None and bn.running_var is None))
+        if not use_batch_stats:
+            scale, shift = self.folded_scale_shift()
+            return ops.conv_bn_relu_infer(x, conv.weight, scale, shift, pool=self.pool,
+                                          backend=self.backend)
         momentum = 0.0 if bn.momentum is None else bn.momentum
         if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(bn.num_batches_tracked)
-        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
         keep_stats = not self.training or bn.track_running_stats
-        return ops.conv_bn_relu(
+        return ops.conv_bn_relu_train(
             x, conv.weight, conv.bias, bn.weight, bn.bias,
             bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
-            training=use_batch_stats, momentum=momentum, eps=bn.eps, pool=self.pool,
-            backend=self.backend)
+            momentum=momentum, eps=bn.eps, pool=self.pool, backend=self.backend)
