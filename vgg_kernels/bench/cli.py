@@ -1,0 +1,366 @@
+"""Command line of ``python -m vgg_kernels.bench`` (see vgg_kernels/bench/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgg_kernels.bench.compare import compare_results, format_comparison
+from vgg_kernels.bench.environment import REPO_ROOT, collect_environment
+from vgg_kernels.bench.layers import format_layers, layer_specs, run_layers
+from vgg_kernels.bench.model import format_model, run_model
+from vgg_kernels.bench.peak import measure_peaks
+from vgg_kernels.bench.plot import PlotUnavailable, plot_result
+from vgg_kernels.bench.readme import update_readme
+from vgg_kernels.bench.results import (
+    SCHEMA_VERSION,
+    TOOL,
+    ResultFileError,
+    load_result,
+    merge_results,
+    validate_result,
+    write_result,
+)
+from vgg_kernels.bench.settings import (
+    COMPILE_MODES,
+    DTYPES,
+    RunInterrupted,
+    RunSettings,
+    parse_backends,
+)
+
+# Exit status of a run stopped by SIGTERM (after writing what it measured), as `timeout` reports.
+INTERRUPTED_STATUS = 124
+_STARTED = time.perf_counter()
+# Per-suite defaults by device type: (warm-up calls, timed calls).
+DEFAULT_REPEATS = {
+    ("layers", "cuda"): (10, 100), ("layers", "cpu"): (1, 5),
+    ("model", "cuda"): (3, 20), ("model", "cpu"): (1, 3),
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser, suite: str) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu",
+                        help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--config", default="D",
+                        help="VGG config: A, A-LRN, B, C, D, E or a torchvision name "
+                             "(default D; plain letters have BatchNorm)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default 64 on CUDA, 2 on a CPU)")
+    parser.add_argument("--resolution", type=int, default=224, help="input H = W (default 224)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="storage dtype (default bf16 on CUDA, fp32 on a CPU)")
+    parser.add_argument("--backends", default="all",
+                        help="comma-separated: triton, native, reference, eager, compile, or all "
+                             "(default all; unavailable ones are skipped with the reason)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls before timing (default: layers 10/1, model 3/1 on "
+                             "CUDA/CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per case (default: layers 100/5, model 20/3 on "
+                             "CUDA/CPU)" if suite != "all" else
+                        "timed calls per layer case (default 100 on CUDA, 5 on a CPU)")
+    if suite == "all":
+        parser.add_argument("--model-repeats", type=int, default=None,
+                            help="timed calls per model case (default 20 on CUDA, 3 on a CPU)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip torch.compile (recorded as skipped, with the reason)")
+    parser.add_argument("--compile-mode", default=None,
+                        help=f"torch.compile mode (default {COMPILE_MODES['cuda']!r} on CUDA, "
+                             f"{COMPILE_MODES['cpu']!r} on a CPU)")
+    if suite in ("model", "all"):
+        parser.add_argument("--no-compile-train", action="store_true",
+                            help="skip the compiled model's training step (its compile is the "
+                                 "longest step of the suite)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="soft limit for the whole run: torch.compile cases that would start "
+                             "after it are skipped (reason recorded), so the file is still "
+                             "written under an outer timeout (default: none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for CPU work (default: torch's choice); 1 "
+                             "keeps timings on a shared CPU from stalling on thread barriers")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="matmul size for the measured peak (default 8192 CUDA, 1024 CPU)")
+    parser.add_argument("--out", default=None,
+                        help="write the JSON result here (a directory, or a path ending in '/', "
+                             "gets the history name <device>-<date>-<sha>-<suites>.json); "
+                             "default: print the table only")
+    parser.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vgg_kernels.bench",
+        description="Benchmarks of the fused VGG blocks and models; result files, comparison, "
+                    "charts and README figures.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("layers", "time every fused block of a config per backend"),
+                       ("model", "whole-model inference and training-step throughput, memory"),
+                       ("all", "layers then model, in one result file")):
+        _add_run_options(sub.add_parser(name, help=text, description=text), name)
+
+    compare = sub.add_parser("compare", help="compare two result files; exit 1 on regression",
+                             description="Compare OLD and NEW result files (or each NEW "
+                                         "against the baseline for its device in "
+                                         "--baseline-dir). "
+                                         "Exit 0: no regression; 1: regression; 2: unreadable "
+                                         "files or schema mismatch.")
+    compare.add_argument("files", nargs="+", metavar="FILE",
+                         help="OLD.json NEW.json, or NEW.json... with --baseline-dir")
+    compare.add_argument("--baseline-dir", type=Path, default=None,
+                         help="take OLD from DIR/<device-slug of NEW>.json")
+    compare.add_argument("--require-baseline", action="store_true",
+                         help="with --baseline-dir: a missing baseline is an error (exit 2)")
+    compare.add_argument("--threshold", type=float, default=None,
+                         help="relative change that counts (default 0.05 for GPU results, 0.25 "
+                              "for CPU results)")
+    compare.add_argument("--fail-on-missing", action="store_true",
+                         help="exit 1 when a figure of OLD is missing from NEW")
+    compare.add_argument("--only-changes", action="store_true",
+                         help="leave figures judged 'same' out of the table")
+
+    plot = sub.add_parser("plot", help="PNG charts from result files (needs matplotlib)")
+    plot.add_argument("files", nargs="+", metavar="RESULT.json")
+    plot.add_argument("--out-dir", type=Path, default=None,
+                      help="where the PNGs go (default: beside each result file)")
+
+    readme = sub.add_parser("readme", help="regenerate README.md's benchmark section")
+    readme.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    readme.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    readme.add_argument("--plots-dir", type=Path, default=REPO_ROOT / "benchmarks" / "plots")
+    readme.add_argument("--no-plots", action="store_true", help="tables only, no charts")
+
+    merge = sub.add_parser("merge", help="combine the suites of result files of one device",
+                           description="Write one result file holding the suites of several "
+                                       "(e.g. layers.json + model.json -> a baseline).")
+    merge.add_argument("out", metavar="OUT.json")
+    merge.add_argument("files", nargs="+", metavar="RESULT.json")
+
+    validate = sub.add_parser("validate", help="check result files against the schema")
+    validate.add_argument("files", nargs="+", metavar="RESULT.json")
+    return parser
+
+
+def _settings(args: argparse.Namespace, suite: str, repeats: int | None,
+              started: float) -> RunSettings:
+    device = torch.device(args.device)
+    kind = device.type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cuda[:N] or cpu (got {args.device!r})")
+    warmup, default_repeats = DEFAULT_REPEATS[(suite, kind)]
+    settings = RunSettings(
+        device=device,
+        dtype_name=args.dtype or ("bf16" if kind == "cuda" else "fp32"),
+        config=args.config,
+        batch=args.batch if args.batch is not None else (64 if kind == "cuda" else 2),
+        resolution=args.resolution,
+        warmup=args.warmup if args.warmup is not None else warmup,
+        repeats=repeats if repeats is not None else default_repeats,
+        backends=parse_backends(args.backends),
+        compile=not args.no_compile,
+        compile_mode=args.compile_mode,
+        time_limit_s=args.time_limit,
+        deadline=None if args.time_limit is None else started + args.time_limit,
+    )
+    if settings.batch <= 0 or settings.repeats <= 0 or settings.warmup < 0:
+        raise ValueError("--batch and --repeats must be positive, --warmup non-negative")
+    layer_specs(settings.config, settings.resolution)  # a bad config or resolution fails here
+    return settings
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    began = time.perf_counter()
+    suites = ["layers", "model"] if args.command == "all" else [args.command]
+    try:
+        plans = {suite: _settings(args, suite, getattr(args, "model_repeats", None)
+                                  if suite == "model" and args.command == "all" else args.repeats,
+                                  began)
+                 for suite in suites}
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    first = plans[suites[0]]
+    if args.threads is not None:
+        if args.threads <= 0:
+            print(f"error: --threads must be positive (got {args.threads})", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    log = (lambda _: None) if args.quiet else print
+    peak = measure_peaks(first.device, first.dtype, matmul_size=args.peak_size)
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": TOOL,
+        "environment": collect_environment(first.device, argv),
+        "peak": peak,
+        "suites": {},
+    }
+    env = result["environment"]
+    print(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+          f"{first.dtype_name} | peak {peak['matmul']['tflops']:.2f} TFLOP/s, "
+          f"{peak['bandwidth']['gbps']:.1f} GB/s")
+    interrupted = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for suite in suites:
+            if interrupted:
+                break
+            print(f"[{suite}] config {first.config}, batch {plans[suite].batch}, "
+                  f"{first.resolution}px, {plans[suite].repeats} repeats")
+            try:
+                if suite == "layers":
+                    block = run_layers(plans[suite], peak, log)
+                    print(format_layers(block))
+                else:
+                    block = run_model(plans[suite], log,
+                                      compile_train=not args.no_compile_train)
+                    print(format_model(block))
+            except RunInterrupted as stop:  # before the suite's first case: nothing to keep
+                interrupted = f"{stop}; the {suite} suite was not measured"
+                break
+            result["suites"][suite] = block
+            interrupted = block["interrupted"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result["interrupted"] = interrupted
+    result["wall_s"] = time.perf_counter() - began
+    if not result["suites"]:
+        print(f"INTERRUPTED: {interrupted}; nothing measured, no file written", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    problems = validate_result(result)
+    if problems:  # a bug in this tool, not in the measured code: say so loudly
+        print("error: the result does not match its schema:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 3
+    if args.out:
+        path = write_result(result, args.out)
+        print(f"wrote {path} ({result['wall_s']:.0f} s)")
+    if interrupted:
+        print(f"INTERRUPTED: {interrupted}", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise RunInterrupted(f"interrupted by signal {signal.Signals(signum).name} after "
+                         f"{time.perf_counter() - _STARTED:.0f} s")
+
+
+def _compare_pair(old_name: str, new: dict[str, Any], new_name: str,
+                  args: argparse.Namespace) -> int:
+    try:
+        old = load_result(old_name)
+    except ResultFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"old: {old_name}\nnew: {new_name}")
+    comparison = compare_results(old, new, args.threshold)
+    print(format_comparison(comparison, only_changes=args.only_changes))
+    if comparison.regressions:
+        print(f"FAILED: {len(comparison.regressions)} regression(s) beyond "
+              f"{comparison.threshold:.0%}", file=sys.stderr)
+        return 1
+    if args.fail_on_missing and comparison.missing:
+        print(f"FAILED: {len(comparison.missing)} figure(s) missing", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    if args.baseline_dir is None and len(args.files) != 2:
+        print("error: compare needs OLD.json NEW.json (or NEW.json... with --baseline-dir)",
+              file=sys.stderr)
+        return 2
+    news = args.files if args.baseline_dir is not None else args.files[1:]
+    status = 0
+    for new_name in news:
+        try:
+            new = load_result(new_name)
+        except ResultFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        old_name = args.files[0]
+        if args.baseline_dir is not None:
+            slug = new["environment"].get("device_slug", "unknown")
+            old_name = str(args.baseline_dir / f"{slug}.json")
+            if not Path(old_name).exists():
+                message = (f"no baseline {old_name} for device {slug!r}: nothing to compare "
+                           f"{new_name} against. Make one with `python -m vgg_kernels.bench "
+                           f"merge {old_name} <result files of this device>`.")
+                print(("error: " if args.require_baseline else "note: ") + message)
+                if args.require_baseline:
+                    return 2
+                continue
+        outcome = _compare_pair(old_name, new, new_name, args)
+        if outcome == 2:
+            return 2
+        status = max(status, outcome)
+    return status
+
+
+def _plot(args: argparse.Namespace) -> int:
+    for name in args.files:
+        try:
+            result = load_result(name)
+            out_dir = args.out_dir or Path(name).parent
+            for path in plot_result(result, out_dir, Path(name).stem):
+                print(f"wrote {path}")
+        except ResultFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except PlotUnavailable as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _readme(args: argparse.Namespace) -> int:
+    try:
+        changed = update_readme(args.readme, args.results_dir,
+                                None if args.no_plots else args.plots_dir)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    try:
+        merged = merge_results([load_result(name) for name in args.files])
+    except ResultFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {write_result(merged, args.out)}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.files:
+        try:
+            problems = validate_result(load_result(name))
+        except ResultFileError as error:
+            problems = [str(error)]
+        print(f"{name}: " + ("valid" if not problems else "INVALID\n  " + "\n  ".join(problems)))
+        status = status or (1 if problems else 0)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _build_parser().parse_args(argv)
+    if args.command in ("layers", "model", "all"):
+        return _run(args, argv)
+    return {"compare": _compare, "merge": _merge, "plot": _plot, "readme": _readme,
+            "validate": _validate}[args.command](args)

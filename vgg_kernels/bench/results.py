@@ -1,0 +1,266 @@
+"""Result files: the schema, a validator, reading/writing, and the figures ``compare`` tracks.
+
+A result file (``schema_version`` 1) is one JSON object::
+
+    schema_version  1
+    tool            "vgg_kernels.bench"
+    environment     device_type, device_name, device_slug, compute_capability, driver, cuda,
+                    cudnn, torch, triton, python, platform, cpu_threads, vgg_kernels, git_commit,
+                    git_dirty, date (UTC, ISO 8601), command_line
+    peak            matmul: {size, dtype, tf32, flops, samples_ms, median_ms, p20_ms, p80_ms,
+                    tflops}; bandwidth: {bytes_moved, samples_ms, median_ms, p20_ms, p80_ms, gbps}
+    suites          any of:
+      layers        settings {config, batch, resolution, dtype, device, warmup, repeats,
+                    backends, baseline, compile_mode, time_limit_s}, wall_s,
+                    layers [{name, index, in_channels, out_channels, kernel, height, width, pool,
+                    flops, bytes, intensity}],
+                    cases [{key, layer, backend, samples_ms, median_ms, p20_ms, p80_ms, tflops,
+                    pct_of_peak, speedup, speedup_low, speedup_high, rotating_inputs,
+                    compile_s (torch_compile only), rel_error_vs_baseline}],
+                    skipped [{backend, layer (or null: every layer), reason}],
+                    summary {baseline, geomean_speedup: {backend: {value, low, high, layers}}},
+                    interrupted (null or the reason)
+      model         settings {config, batch, resolution, dtype, device, warmup, repeats,
+                    variants, compile_mode, time_limit_s, optimizer, compile_train}, wall_s,
+                    cases [{key, variant, mode ("inference" | "train"), samples_ms, median_ms,
+                    p20_ms, p80_ms, images_per_s, images_per_s_low, images_per_s_high,
+                    peak_memory_bytes (null on a CPU), peak_memory_note, memory_before_bytes
+                    (CUDA), compile_s (torch_compile only)}],
+                    skipped [{variant, mode (or null: both), reason}], interrupted
+    wall_s          seconds the whole run took
+    interrupted     null, or why the run stopped early (SIGTERM, e.g. an outer `timeout`): the
+                    suites then hold what was measured before, and say where it stopped
+    sources         (merged files only) [{suites, date, git_commit, command_line}] per input
+
+Keys of cases name the measured work completely, e.g. ``layers/D/b64/r224/bf16/conv3_2/triton``
+and ``model/D/b64/r224/bf16/cudnn_eager/train``: two files compare case by case on these keys.
+Times are milliseconds per call; ``*_low``/``*_high`` are the figure computed from the
+pessimistic/optimistic ends of the 20th-80th percentile spread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+TOOL = "vgg_kernels.bench"
+
+
+class ResultFileError(ValueError):
+    """A file is not a readable result file of the expected schema version."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One tracked number with its spread: ``low <= value <= high`` in the figure's own unit;
+    ``better`` says which direction is an improvement."""
+
+    value: float
+    low: float
+    high: float
+    better: str  # "lower" or "higher"
+    unit: str
+    basis: int | None = None  # for an aggregate: how many cases it covers
+
+
+def round_floats(data: Any, digits: int = 6) -> Any:
+    """``data`` with every float rounded to ``digits`` significant digits (keeps files short;
+    timings carry no more precision than that)."""
+    if isinstance(data, float):
+        if not math.isfinite(data) or data == 0.0:
+            return data
+        return float(f"{data:.{digits}g}")
+    if isinstance(data, dict):
+        return {k: round_floats(v, digits) for k, v in data.items()}
+    if isinstance(data, list):
+        return [round_floats(v, digits) for v in data]
+    return data
+
+
+def default_file_name(result: dict[str, Any]) -> str:
+    """``<device-slug>-<yyyymmdd>-<short sha>-<suites>.json``, the results-history name."""
+    env = result.get("environment", {})
+    date = re.sub(r"[^0-9]", "", str(env.get("date", "")))[:8] or "undated"
+    sha = (env.get("git_commit") or "nogit")[:7]
+    suites = "-".join(sorted(result.get("suites", {}))) or "empty"
+    return f"{env.get('device_slug', 'unknown')}-{date}-{sha}-{suites}.json"
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    """Write ``result`` to ``out``; when ``out`` is a directory (exists, or ends with '/'), to
+    ``out/default_file_name(result)``. Returns the path written."""
+    path = Path(out)
+    if path.is_dir() or str(out).endswith("/"):
+        path = path / default_file_name(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(round_floats(result), indent=1) + "\n")
+    return path
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """Read a result file; raises ``ResultFileError`` (naming the file) when it cannot be read,
+    is not a result file, or has another schema version."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ResultFileError(f"{path}: cannot read a JSON result file ({error})") from error
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ResultFileError(f"{path}: not a vgg_kernels.bench result file (no schema_version)")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ResultFileError(
+            f"{path}: schema_version {data['schema_version']!r}, but this tool reads version "
+            f"{SCHEMA_VERSION}; re-run the benchmark with this version of vgg_kernels.bench to "
+            f"get a comparable file")
+    return data
+
+
+_ENV_KEYS = ("device_type", "device_name", "device_slug", "torch", "python", "git_commit",
+             "date", "command_line")
+_STAT_KEYS = ("samples_ms", "median_ms", "p20_ms", "p80_ms")
+_LAYER_CASE_KEYS = ("key", "layer", "backend", *_STAT_KEYS, "tflops", "pct_of_peak", "speedup",
+                    "speedup_low", "speedup_high")
+_MODEL_CASE_KEYS = ("key", "variant", "mode", *_STAT_KEYS, "images_per_s", "images_per_s_low",
+                    "images_per_s_high", "peak_memory_bytes", "peak_memory_note")
+
+
+def _check_stats(where: str, case: dict[str, Any], problems: list[str]) -> None:
+    samples = case.get("samples_ms")
+    if not isinstance(samples, list) or not samples or not all(
+            isinstance(s, (int, float)) and s > 0 for s in samples):
+        problems.append(f"{where}: samples_ms must be a non-empty list of positive numbers")
+        return
+    stats = [case.get("p20_ms"), case.get("median_ms"), case.get("p80_ms")]
+    if not all(isinstance(v, (int, float)) for v in stats):
+        problems.append(f"{where}: p20_ms, median_ms, p80_ms must be numbers")
+    elif not min(samples) <= stats[0] <= stats[1] <= stats[2] <= max(samples):  # type: ignore[operator]
+        problems.append(f"{where}: expected min <= p20 <= median <= p80 <= max of samples_ms")
+
+
+def validate_result(data: Any) -> list[str]:
+    """Every way ``data`` departs from the schema above (empty list: valid)."""
+    if not isinstance(data, dict):
+        return ["result must be a JSON object"]
+    problems: list[str] = []
+    if data.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version must be {SCHEMA_VERSION}")
+    env = data.get("environment")
+    if not isinstance(env, dict):
+        problems.append("environment must be an object")
+    else:
+        problems += [f"environment.{k} is missing" for k in _ENV_KEYS if k not in env]
+    peak = data.get("peak")
+    if not isinstance(peak, dict) or not {"matmul", "bandwidth"} <= set(peak):
+        problems.append("peak must hold matmul and bandwidth")
+    else:
+        _check_stats("peak.matmul", peak["matmul"], problems)
+        _check_stats("peak.bandwidth", peak["bandwidth"], problems)
+    suites = data.get("suites")
+    if not isinstance(suites, dict) or not suites:
+        return problems + ["suites must be a non-empty object"]
+    for name, suite in suites.items():
+        if name not in ("layers", "model"):
+            problems.append(f"suites.{name}: unknown suite")
+            continue
+        if not isinstance(suite, dict):
+            problems.append(f"suites.{name} must be an object")
+            continue
+        for key in ("settings", "cases", "skipped"):
+            if key not in suite:
+                problems.append(f"suites.{name}.{key} is missing")
+        required = _LAYER_CASE_KEYS if name == "layers" else _MODEL_CASE_KEYS
+        keys_seen: set[str] = set()
+        for i, case in enumerate(suite.get("cases", [])):
+            where = f"suites.{name}.cases[{i}]"
+            missing = [k for k in required if k not in case]
+            if missing:
+                problems.append(f"{where}: missing {', '.join(missing)}")
+                continue
+            if case["key"] in keys_seen:
+                problems.append(f"{where}: duplicate key {case['key']!r}")
+            keys_seen.add(case["key"])
+            _check_stats(where, case, problems)
+        if name == "layers":
+            if "layers" not in suite:
+                problems.append("suites.layers.layers is missing")
+            summary = suite.get("summary")
+            if not isinstance(summary, dict) or "geomean_speedup" not in summary:
+                problems.append("suites.layers.summary.geomean_speedup is missing")
+    return problems
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result holding the suites of several runs on the same device (for instance the
+    ``layers`` and ``model`` files of one device check, to make one baseline). ``environment``
+    and ``peak`` come from the first; ``sources`` records each run's date, commit and command.
+    Raises ``ResultFileError`` for different devices or a suite present twice."""
+    if not results:
+        raise ResultFileError("merge needs at least one result")
+    merged = {key: value for key, value in results[0].items() if key != "sources"}
+    merged["suites"] = {}
+    merged["sources"] = []
+    slug = results[0]["environment"].get("device_slug")
+    for result in results:
+        env = result["environment"]
+        if env.get("device_slug") != slug:
+            raise ResultFileError(f"cannot merge results of different devices ({slug!r} and "
+                                  f"{env.get('device_slug')!r})")
+        for name, suite in result["suites"].items():
+            if name in merged["suites"]:
+                raise ResultFileError(f"cannot merge: suite {name!r} appears twice")
+            merged["suites"][name] = suite
+        merged["sources"].append({"suites": sorted(result["suites"]), "date": env.get("date"),
+                                  "git_commit": env.get("git_commit"),
+                                  "command_line": env.get("command_line")})
+    return merged
+
+
+def tracked_figures(result: dict[str, Any]) -> dict[str, Figure]:
+    """The figures ``compare`` judges, by a key that names the measured work completely.
+
+    - layer cases: median ms per (layer, backend) — lower is better;
+    - per-backend geometric-mean speedup over the baseline (the baseline's own 1.0 left out) —
+      higher is better;
+    - model cases: images/s — higher is better; peak memory (GPU) — lower is better.
+    """
+    figures: dict[str, Figure] = {}
+    suites = result.get("suites", {})
+    layers = suites.get("layers")
+    if layers:
+        for case in layers["cases"]:
+            figures[f"{case['key']}/ms"] = Figure(case["median_ms"], case["p20_ms"],
+                                                   case["p80_ms"], "lower", "ms")
+        prefix = layers_prefix(layers["settings"])
+        baseline = layers["summary"].get("baseline")
+        for backend, g in layers["summary"]["geomean_speedup"].items():
+            if backend == baseline:  # 1.0 by definition: nothing to track
+                continue
+            figures[f"{prefix}/geomean/{backend}/speedup"] = Figure(
+                g["value"], g["low"], g["high"], "higher", "x", g.get("layers"))
+    model = suites.get("model")
+    if model:
+        for case in model["cases"]:
+            figures[f"{case['key']}/images_per_s"] = Figure(
+                case["images_per_s"], case["images_per_s_low"], case["images_per_s_high"],
+                "higher", "img/s")
+            memory = case.get("peak_memory_bytes")
+            if memory is not None:
+                figures[f"{case['key']}/peak_memory"] = Figure(memory / 2**20, memory / 2**20,
+                                                               memory / 2**20, "lower", "MiB")
+    return figures
+
+
+def layers_prefix(settings: dict[str, Any]) -> str:
+    """``layers/<config>/b<batch>/r<resolution>/<dtype>``: the part of a key fixing the work."""
+    return (f"layers/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
+            f"{settings['dtype']}")
+
+
+def model_prefix(settings: dict[str, Any]) -> str:
+    """``model/<config>/b<batch>/r<resolution>/<dtype>``."""
+    return (f"model/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
+            f"{settings['dtype']}")
