@@ -50,17 +50,25 @@ if [ -f benchmarks/device_native.sh ]; then
     step build 240 bash benchmarks/device_native.sh build
 fi
 
-# 3. GPU tests: every backend against cuDNN
-step gpu-tests 300 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests
+# 3. GPU tests: every backend against cuDNN (in parallel workers where pytest-xdist is there:
+# the time goes into compiling and autotuning kernels, which is CPU work)
+PARALLEL=()
+$PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
+step gpu-tests 300 $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
+    --junitxml="$OUT/gpu-tests.xml" tests
 
-# 4. benchmarks
-step tune-triton 240 $PY benchmarks/tune_triton.py --out "$OUT/tune_triton.json"
-step main-job 120 $PY -m vgg_kernels
-if [ $QUICK -eq 0 ] && $PY -c "import vgg_kernels.bench" 2>/dev/null; then
-    step bench-layers 300 $PY -m vgg_kernels.bench layers --config D --batch 64 --resolution 224 \
-        --dtype bf16 --out "$OUT/layers.json"
-    step bench-model 300 $PY -m vgg_kernels.bench model --config D --batch 64 --resolution 224 \
-        --dtype bf16 --out "$OUT/model.json"
+# 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
+# torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
+# the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode.
+BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
+step bench-layers 200 $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
+    --backends triton,native,eager,compile --compile-mode default --time-limit 120 \
+    --out "$OUT/layers.json"
+step bench-model 240 $PY -m vgg_kernels.bench model "${BENCH[@]}" \
+    --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
+    --time-limit 90 --out "$OUT/model.json"
+if [ $QUICK -eq 0 ]; then
+    step tune-triton 240 $PY benchmarks/tune_triton.py --out "$OUT/tune_triton.json"
 fi
 
 # 5. summary
@@ -76,5 +84,6 @@ for s in summary["steps"]:
     print(f"{s['name']:<15} {s['exit']:>4}  {s['seconds']:>7}")
 EOF
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-grep -E "^C[0-9]|geometric|matmul peak" "$LOG" | tail -n 16
-grep -E "images/s|speedup|max error" "$LOG" | tail -n 4
+for suite in layers model; do
+    [ -f "$OUT/$suite.json" ] && $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
+done

@@ -145,6 +145,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check result files against the schema")
     validate.add_argument("files", nargs="+", metavar="RESULT.json")
+
+    show = sub.add_parser("show", help="print the tables of result files")
+    show.add_argument("files", nargs="+", metavar="RESULT.json")
     return parser
 
 
@@ -356,6 +359,22 @@ def _validate(args: argparse.Namespace) -> int:
     return status
 
 
+def _show(args: argparse.Namespace) -> int:
+    formatters = {"layers": format_layers, "model": format_model}
+    for name in args.files:
+        try:
+            result = load_result(name)
+        except ResultFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        env = result["environment"]
+        print(f"{name}: {env.get('device_name')} | torch {env.get('torch')} | "
+              f"triton {env.get('triton')} | commit {env.get('git_commit')}")
+        for suite, block in result["suites"].items():
+            print(formatters[suite](block))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -363,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("layers", "model", "all"):
         return _run(args, argv)
     return {"compare": _compare, "merge": _merge, "plot": _plot, "readme": _readme,
-            "validate": _validate}[args.command](args)
+            "validate": _validate, "show": _show}[args.command](args)
