@@ -1,10 +1,64 @@
 """Build script: the Python package, plus the optional compiled extension vgg_kernels._C.
 
-The extension is built only when torch is importable at build time (install with
-``--no-build-isolation``) and csrc/ holds sources; otherwise the package installs without it and
-builds it on first use (see vgg_kernels/backends/native.py).
+The extension is built when torch is importable at build time, i.e. with
+``pip install --no-build-isolation -e .`` (torch is deliberately not a build requirement: an
+isolated build would fetch a second torch and build against it). With nvcc and a CUDA build of
+torch it holds the CPU and the CUDA kernels (CUDAExtension), otherwise the CPU kernels only
+(CppExtension). Without torch, or with ``VGG_KERNELS_SKIP_EXT=1``, the package installs without
+it and vgg_kernels/backends/native.py builds it on first use.
+
+Knobs: VGG_KERNELS_SKIP_EXT, VGG_KERNELS_CUDA_ARCHS (default "9.0a"), VGG_KERNELS_CPU_ONLY,
+MAX_JOBS, CUDA_HOME; see csrc/build.py. The build uses ninja (``pip install ninja``).
 """
+
+import importlib.util
+import os
+import sys
 
 from setuptools import setup
 
-setup()
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_config():
+    spec = importlib.util.spec_from_file_location(
+        "vgg_kernels_build", os.path.join(ROOT, "csrc", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _extension_kwargs() -> dict:
+    if os.environ.get("VGG_KERNELS_SKIP_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+        print("vgg_kernels: VGG_KERNELS_SKIP_EXT is set; not building vgg_kernels._C",
+              file=sys.stderr)
+        return {}
+    if not os.path.isfile(os.path.join(ROOT, "csrc", "vgg_kernels.cpp")):
+        return {}
+    build = _load_build_config()
+    cuda_home = build.prepare_environment()  # before torch.utils.cpp_extension reads CUDA_HOME
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("vgg_kernels: torch is not importable at build time (use pip install "
+              "--no-build-isolation); vgg_kernels._C will be built on first use",
+              file=sys.stderr)
+        return {}
+    with_cuda = build.want_cuda(cuda_home)
+    kind = CUDAExtension if with_cuda else CppExtension
+    print(f"vgg_kernels: building vgg_kernels._C with "
+          f"{'CUDA kernels for ' + ';'.join(build.cuda_archs()) if with_cuda else 'CPU kernels'}"
+          f" (MAX_JOBS={os.environ['MAX_JOBS']})", file=sys.stderr)
+    extension = kind(
+        name="vgg_kernels._C",
+        sources=[os.path.relpath(s, ROOT) for s in build.sources(with_cuda)],
+        include_dirs=build.include_dirs(),
+        extra_compile_args=build.compile_args(with_cuda),
+        extra_link_args=build.link_args(),
+    )
+    return {"ext_modules": [extension],
+            "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(**_extension_kwargs())

@@ -1,31 +1,190 @@
-"""Native backend: the compiled extension vgg_kernels._C (C++ CPU kernels, CUDA kernels)."""
+"""Native backend: the compiled extension vgg_kernels._C (C++ CPU kernels, CUDA kernels).
+
+The ops are registered by csrc/vgg_kernels.cpp under ``torch.ops.vgg_kernels`` (schemas in one
+TORCH_LIBRARY block, CPU and CUDA kernels); the fake kernels below let torch.compile trace them.
+
+Loading, on first use: ``import vgg_kernels._C`` (built by ``pip install --no-build-isolation``);
+failing that, and when the csrc/ sources are next to the package (a source checkout), a JIT build
+with ``torch.utils.cpp_extension.load`` (ninja; cached under TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions), announced on stderr. ``VGG_KERNELS_JIT=0`` turns the JIT build off.
+If both fail the backend reports itself unavailable, and the registry falls back to reference
+with one warning that carries the reason.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
 import torch
 
-_IMPORT_ERROR: str | None = None
-try:
-    from vgg_kernels import _C  # noqa: F401  (registers torch.ops.vgg_kernels.*)
-except ImportError as error:  # the extension is optional
-    _IMPORT_ERROR = f"cannot load the compiled extension vgg_kernels._C ({error})"
+_ROOT = Path(__file__).resolve().parents[2]
+_OPS = ("conv_bn_relu_infer", "conv_bn_relu_train")
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "reason": str | None once loading was tried; "info": dict
+_fakes_registered = False  # torch.library allows one fake kernel per op and process
+
+
+def _jit_build(prebuilt_error: str) -> str | None:
+    """Build and load the extension from csrc/; returns None, or why it could not."""
+    build_py = _ROOT / "csrc" / "build.py"
+    if not build_py.is_file():
+        return f"cannot load the compiled extension vgg_kernels._C ({prebuilt_error})"
+    if os.environ.get("VGG_KERNELS_JIT", "1").strip() == "0":
+        return (f"cannot load the compiled extension vgg_kernels._C ({prebuilt_error}) and "
+                f"VGG_KERNELS_JIT=0 turns off building it on first use")
+    spec = importlib.util.spec_from_file_location("vgg_kernels_build", build_py)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    cuda_home = build.prepare_environment()
+    try:
+        from torch.utils.cpp_extension import load
+
+        with_cuda = build.want_cuda(cuda_home)
+        print(f"vgg_kernels: vgg_kernels._C is not built ({prebuilt_error}); building it now "
+              f"with {'CPU and CUDA' if with_cuda else 'CPU'} kernels (first use only, cached; "
+              f"takes minutes) ...", file=sys.stderr, flush=True)
+        args = build.compile_args(with_cuda)
+        load(name="vgg_kernels_C", sources=build.sources(with_cuda),
+             extra_cflags=args["cxx"], extra_cuda_cflags=args.get("nvcc"),
+             extra_ldflags=build.link_args(),
+             extra_include_paths=build.include_dirs(), with_cuda=with_cuda,
+             is_python_module=False, verbose=False)
+    except Exception as error:  # a failed compile must not break the package
+        reason = (f"cannot load the compiled extension vgg_kernels._C ({prebuilt_error}) and "
+                  f"building it failed ({type(error).__name__}: {str(error).strip()[:500]})")
+        warnings.warn(f"vgg_kernels: {reason}", RuntimeWarning, stacklevel=3)
+        return reason
+    print("vgg_kernels: vgg_kernels._C built and loaded", file=sys.stderr, flush=True)
+    return None
+
+
+def _parse_build_info(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
+
+
+def _load() -> str | None:
+    """Load the extension once; None when its ops are registered, else the reason why not."""
+    if "reason" in _state:
+        return _state["reason"]  # type: ignore[return-value]
+    with _lock:
+        if "reason" in _state:
+            return _state["reason"]  # type: ignore[return-value]
+        reason: str | None = None
+        try:
+            from vgg_kernels import _C  # noqa: F401  (registers torch.ops.vgg_kernels.*)
+        except ImportError as error:
+            reason = _jit_build(str(error))
+        if reason is None:
+            _register_fakes()
+            _state["info"] = _parse_build_info(torch.ops.vgg_kernels.build_info())
+        _state["reason"] = reason
+        return reason
+
+
+def build_info() -> dict[str, str]:
+    """What the loaded extension runs: {'cpu': 'avx512'|'avx2'|'generic', 'cuda': archs|'none'};
+    empty when the extension cannot be loaded."""
+    _load()
+    return dict(_state.get("info", {}))  # type: ignore[call-overload]
+
+
+# -- fake (meta) kernels: shapes, dtypes and memory formats of the C++ ops ----------------------
+
+def _empty_nhwc(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
+
+
+def _fake_conv_bn_relu_infer(x, weight, scale, shift, pool):
+    n, _, h, w = x.shape
+    k = weight.shape[0]
+    return _empty_nhwc((n, k, h // 2, w // 2) if pool else (n, k, h, w), x)
+
+
+def _fake_conv_bn_stats(x, weight, bias):
+    n, _, h, w = x.shape
+    k = weight.shape[0]
+    stats = x.new_empty((k,), dtype=torch.float32)
+    return _empty_nhwc((n, k, h, w), x), stats, torch.empty_like(stats)
+
+
+def _fake_bn_relu_pool(z, scale, shift, pool):
+    n, k, h, w = z.shape
+    return _empty_nhwc((n, k, h // 2, w // 2) if pool else (n, k, h, w), z)
+
+
+def _fake_bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool):
+    return _empty_nhwc(z.shape, z), torch.empty_like(gamma), torch.empty_like(beta)
+
+
+def _register_fakes() -> None:
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    for name, fn in (("conv_bn_relu_infer", _fake_conv_bn_relu_infer),
+                     ("conv_bn_stats", _fake_conv_bn_stats),
+                     ("bn_relu_pool", _fake_bn_relu_pool),
+                     ("bn_relu_backward", _fake_bn_relu_backward)):
+        torch.library.register_fake(f"vgg_kernels::{name}")(fn)
+
+
+# -- the backend ---------------------------------------------------------------------------------
 
 class NativeBackend:
-    """Ops registered by csrc/ under ``torch.ops.vgg_kernels``."""
+    """Ops registered by csrc/ under ``torch.ops.vgg_kernels``: fp32 on the CPU; fp32 (tf32 when
+    ``torch.backends.cudnn.allow_tf32``), fp16 and bf16 on CUDA GPUs of the built archs."""
 
     name = "native"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype, op: str) -> str | None:
-        if _IMPORT_ERROR is not None:
-            return _IMPORT_ERROR
-        if not hasattr(torch.ops.vgg_kernels, op):
+        if op not in _OPS:
             return f"has no {op} op"
+        reason = _load()
+        if reason is not None:
+            return reason
+        if device.type == "cpu":
+            if dtype != torch.float32:
+                return f"supports float32 on CPU (got {dtype})"
+            return None
+        if device.type != "cuda":
+            return f"does not run on {device.type} tensors"
+        archs = _state["info"].get("cuda", "none")  # type: ignore[union-attr]
+        if archs == "none":
+            return "has no CUDA kernels in this build (built for the CPU only)"
+        if dtype not in _CUDA_DTYPES:
+            return f"supports float32, float16 and bfloat16 on CUDA (got {dtype})"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        built = archs.split(",")
+        if f"{major}{minor}0" not in built:
+            return (f"was built for compute capabilities {archs} but the GPU is "
+                    f"{major}.{minor} (rebuild with VGG_KERNELS_CUDA_ARCHS={major}.{minor})")
         return None
 
     def conv_bn_relu_infer(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                            shift: torch.Tensor, pool: bool) -> torch.Tensor:
         return torch.ops.vgg_kernels.conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+    def conv_bn_stats(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.ops.vgg_kernels.conv_bn_stats(x, weight, bias)
+
+    def bn_relu_pool(self, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                     pool: bool) -> torch.Tensor:
+        return torch.ops.vgg_kernels.bn_relu_pool(z, scale, shift, pool)
+
+    def bn_relu_backward(self, grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
+                         invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                         pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.ops.vgg_kernels.bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool)
 
 
 BACKEND = NativeBackend()

@@ -1,0 +1,215 @@
+"""CPU benchmark: FusedVGG('D') in eval mode on the native C++ kernels against torchvision's
+vgg16_bn eager with the same weights, in one process with torch's default threads.
+
+    python benchmarks/bench_cpu_model.py [--batch 4] [--resolution 112] [--repeats 10]
+                                         [--out benchmarks/results/]
+
+The bar (issue 4): eager / fused >= 1.25 at batch 4, 112x112, fp32. Variants, timed in
+interleaved rounds (one call of each per round, so load from other processes hits all alike):
+    eager           torchvision vgg16_bn as users run it (NCHW; oneDNN conv, then BN, ReLU, pool)
+    eager_cl        the same in channels_last
+    eager_folded    BN folded into the conv by hand (torch.nn.utils.fusion), NCHW
+    fused           FusedVGG.from_torchvision(model) on backend 'auto' (native on the CPU)
+Prints a table and writes ``<cpu-slug>-<yyyymmdd>-<short sha>-cpu_model.json`` (environment, every
+raw sample, medians, ratios, max error against a float64 eager run) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vgg_kernels import FusedVGG  # noqa: E402
+from vgg_kernels.backends import native, resolve_backend  # noqa: E402
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _tree_dirty() -> bool | None:
+    """True when the working tree differs from the commit named in the result."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=ROOT, text=True, capture_output=True,
+                                   check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _randomise(model: nn.Module) -> None:
+    """Non-trivial BN statistics and conv biases (torchvision's init leaves BN an identity)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+        elif isinstance(m, nn.Conv2d):
+            m.bias.data.uniform_(-0.1, 0.1)
+
+
+def _fold_bn(model: nn.Module) -> nn.Module:
+    """Copy of a torchvision VGG with every Conv2d + BatchNorm2d pair fused into one Conv2d."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model)
+    layers, features = [], list(folded.features)
+    i = 0
+    while i < len(features):
+        if (isinstance(features[i], nn.Conv2d) and i + 1 < len(features)
+                and isinstance(features[i + 1], nn.BatchNorm2d)):
+            layers.append(fuse_conv_bn_eval(features[i], features[i + 1]))
+            i += 2
+        else:
+            layers.append(features[i])
+            i += 1
+    folded.features = nn.Sequential(*layers)
+    return folded
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"median_s": statistics.median(ordered), "min_s": ordered[0],
+            "p20_s": quantile(0.2), "p80_s": quantile(0.8)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=112)
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                        help="directory (or .json path) for the result file")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    import torchvision
+
+    eager = torchvision.models.vgg16_bn(weights=None).eval()
+    _randomise(eager)
+    fused = FusedVGG.from_torchvision(eager).eval()
+    backend = resolve_backend("auto", torch.device("cpu"), torch.float32,
+                              "conv_bn_relu_infer").name
+    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    folded = _fold_bn(eager)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants = {
+        "eager": lambda: eager(x),
+        "eager_cl": lambda: eager_cl(x_cl),
+        "eager_folded": lambda: folded(x),
+        "fused": lambda: fused(x),
+    }
+
+    with torch.no_grad():
+        oracle = copy.deepcopy(eager).double()(x.double())
+        errors = {name: float((fn().double() - oracle).abs().max() / oracle.abs().max())
+                  for name, fn in variants.items()}
+        for _ in range(args.warmup):
+            for fn in variants.values():
+                fn()
+        load_before = _load_average()
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                began = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - began)
+        load_after = _load_average()
+
+    stats = {name: _summary(s) for name, s in samples.items()}
+    fused_median = stats["fused"]["median_s"]
+    ratios = {f"{name}_over_fused": stats[name]["median_s"] / fused_median
+              for name in variants if name != "fused"}
+    result = {
+        "suite": "cpu_model",
+        "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _git_sha(),
+            "tree_dirty": _tree_dirty(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "native": native.build_info(),
+            "backend": backend,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "config": {"model": "vgg16_bn / FusedVGG('D')", "mode": "eval", "dtype": "float32",
+                   "batch": args.batch, "resolution": args.resolution,
+                   "repeats": args.repeats, "warmup": args.warmup},
+        "max_relative_error_vs_float64": errors,
+        "samples_s": samples,
+        "stats": stats,
+        "ratios": ratios,
+        "bar": {"eager_over_fused_at_least": 1.25,
+                "met": ratios["eager_over_fused"] >= 1.25},
+    }
+
+    print(f"FusedVGG('D') eval, batch {args.batch}, {args.resolution}x{args.resolution}, fp32, "
+          f"{torch.get_num_threads()} threads, backend {backend} "
+          f"({result['environment']['native'].get('cpu', 'n/a')})")
+    print(f"{'variant':<14}{'median s':>10}{'p20 s':>9}{'p80 s':>9}{'eager/x':>9}{'max err':>10}")
+    for name in variants:
+        s = stats[name]
+        print(f"{name:<14}{s['median_s']:>10.4f}{s['p20_s']:>9.4f}{s['p80_s']:>9.4f}"
+              f"{stats['eager']['median_s'] / s['median_s']:>9.2f}{errors[name]:>10.1e}")
+    print(f"eager / fused = {ratios['eager_over_fused']:.2f} (bar 1.25: "
+          f"{'met' if result['bar']['met'] else 'NOT met'}); eager_folded / fused = "
+          f"{ratios['eager_folded_over_fused']:.2f}")
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        slug = re.sub(r"[^a-z0-9]+", "-", _cpu_name().lower()).strip("-")
+        day = datetime.date.today().strftime("%Y%m%d")
+        out = out / f"{slug}-{day}-{result['environment']['commit']}-cpu_model.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

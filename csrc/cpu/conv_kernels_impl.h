@@ -1,0 +1,565 @@
+// Body of the CPU conv kernels, instantiated once per instruction set. Included by
+// conv_kernels_{avx512,avx2,generic}.cpp inside `namespace vgg_kernels::cpu::<isa>` after they
+// define:
+//   struct Vec          one SIMD register of fp32: V, kWidth, zero, load, store, bcast,
+//                       fma(a, b, c) = a * b + c, add, sub, mul, max
+//   kRows, kPanelVectors  the register tile: kRows output pixels x kPanelVectors vectors of
+//                       output channels (kPanelWidth = kPanelVectors * kWidth channels)
+// and after including <algorithm>, <cstdint>, <cstring>. No header may be included from here:
+// everything below is compiled for that file's instruction set only.
+//
+// Both algorithms are GEMMs over NHWC data whose rows are output pixels (or Winograd tiles) and
+// whose columns are output channels, with the BN/ReLU/pool (or bias/statistics) epilogue applied
+// to the fp32 accumulator while the tile is still in cache:
+//   direct    implicit GEMM on a zero-padded input; reduction over r*r taps x c channels.
+//   winograd  F(2x2, 3x3): 16 GEMMs of (tiles x c) x (c x k) in the transformed domain, 2.25x
+//             fewer multiplies than direct. Each 4x4 input tile gives a 2x2 output block, which
+//             is exactly one 2x2 pooling window, so the pool fuses into the output transform.
+
+constexpr int64_t kPanelWidth = kPanelVectors * Vec::kWidth;
+// Blocking (measured on a 2-core Zen 4, VGG16's 3x3 layers at batch 4, 112x112: depth blocks of
+// 64/128/256, Winograd blocks of 24/48/96 tiles and channel chunks of 128/256 all land within 5%
+// of each other, the run-to-run noise, so these are the middle choices):
+// output channels a work item computes (a multiple of kPanelWidth), which bounds its scratch;
+constexpr int64_t kChannelChunk = 256;
+// Winograd tiles per work item: 48 tiles x 512 channels keeps one transformed-input slab (96 KB)
+// in L2 while the 16 GEMMs reuse it across weight panels;
+constexpr int64_t kWinogradTiles = 8 * kRows;
+// reduction depth per pass over a weight panel: 128 x 64 fp32 weights = 32 KB, about L1's size.
+constexpr int64_t kDepthBlock = 128;
+
+using V = typename Vec::V;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t panels_of(const ConvArgs& args) { return ceil_div(args.k, kPanelWidth); }
+
+// Output-channel panels per work item: up to kChannelChunk channels, fewer when that leaves under
+// 4 items per thread (VGG's 7x7 layers at batch 4 have 64 Winograd tiles: 2 tile blocks x 2
+// chunks left one of 2 threads with a third of the work).
+inline int64_t chunk_panels_of(const ConvArgs& args, int64_t row_blocks) {
+  int64_t chunk = std::min(panels_of(args), std::max<int64_t>(1, kChannelChunk / kPanelWidth));
+  while (chunk > 1 && row_blocks * ceil_div(panels_of(args), chunk) < 4 * args.threads) {
+    chunk = ceil_div(chunk, 2);
+  }
+  return chunk;
+}
+
+// Stores the first `count` lanes of `value` (count < kWidth at the channel tail).
+inline void store_partial(float* out, V value, int64_t count) {
+  float lanes[Vec::kWidth];
+  Vec::store(lanes, value);
+  std::memcpy(out, lanes, sizeof(float) * static_cast<size_t>(count));
+}
+
+inline void store_lanes(float* out, V value, int64_t count) {
+  if (count >= Vec::kWidth) {
+    Vec::store(out, value);
+  } else {
+    store_partial(out, value, count);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Register-tiled GEMM: out[i][0:kPanelWidth] (+)= sum over c < depth of
+// a[i * lda + c] * b[c * kPanelWidth : +kPanelWidth], for i < M. `b` is one packed weight panel
+// (or one tap of it); rows of `a` are M pixels (stride lda). With `accumulate` the tile adds to
+// `out`: the direct conv sums its r*r taps that way, so no fp32 sum runs longer than c terms
+// (one 9*c-long running sum had 4x torch's error at c = 130).
+template <int M>
+void micro_tile(const float* a, int64_t lda, int64_t depth, const float* b, float* out,
+                int64_t ldc, bool accumulate) {
+  V acc[M][kPanelVectors];
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = Vec::zero();
+  }
+  for (int64_t c = 0; c < depth; ++c) {
+    V bv[kPanelVectors];
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVectors; ++v) bv[v] = Vec::load(b + v * Vec::kWidth);
+    b += kPanelWidth;
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      const V ai = Vec::bcast(a[i * lda + c]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = Vec::fma(ai, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kPanelVectors; ++v) {
+      float* o = out + i * ldc + v * Vec::kWidth;
+      Vec::store(o, accumulate ? Vec::add(Vec::load(o), acc[i][v]) : acc[i][v]);
+    }
+  }
+}
+
+using MicroTileFn = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, bool);
+
+template <int... Ms>
+struct MicroTileTable {
+  static constexpr MicroTileFn fns[sizeof...(Ms)] = {&micro_tile<Ms + 1>...};
+};
+
+template <int... Is>
+constexpr const MicroTileFn* micro_tiles(std::integer_sequence<int, Is...>) {
+  return MicroTileTable<Is...>::fns;
+}
+
+// micro_tile<m> for 1 <= m <= kRows (the row tail of a block).
+inline MicroTileFn micro_tile_for(int64_t m) {
+  return micro_tiles(std::make_integer_sequence<int, kRows>{})[m - 1];
+}
+
+// Runs the GEMM for `rows` rows of `a` (stride lda) against panels [p0, p1), writing
+// out[row * ldc + (p - p0) * kPanelWidth + j]. The reduction runs over `ntaps` taps (offsets into
+// `a`) of `depth` values each, in blocks of kDepthBlock so that the weight block in use
+// (kDepthBlock x kPanelWidth floats) stays in L1 while every row block of the panel passes over
+// it; partial sums accumulate in `out`, which stays in L1/L2.
+inline void gemm_rows(const float* a, int64_t rows, int64_t lda, const int64_t* taps, int ntaps,
+                      int64_t depth, const float* packed, int64_t panel_stride, int64_t p0,
+                      int64_t p1, float* out, int64_t ldc) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* b = packed + p * panel_stride;
+    float* out_p = out + (p - p0) * kPanelWidth;
+    for (int t = 0; t < ntaps; ++t) {
+      for (int64_t d0 = 0; d0 < depth; d0 += kDepthBlock) {
+        const int64_t dn = std::min(kDepthBlock, depth - d0);
+        const float* bt = b + (t * depth + d0) * kPanelWidth;
+        const bool accumulate = t > 0 || d0 > 0;
+        for (int64_t i = 0; i < rows; i += kRows) {
+          const int64_t m = std::min<int64_t>(kRows, rows - i);
+          micro_tile_for(m)(a + i * lda + taps[t] + d0, lda, dn, bt, out_p + i * ldc, ldc,
+                            accumulate);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue helpers on one vector of channels [kg, kg + kWidth), `count` of them valid.
+
+inline V bn_relu(V acc, const ConvArgs& args, int64_t kg) {
+  return Vec::max(Vec::fma(acc, Vec::load(args.scale + kg), Vec::load(args.shift + kg)),
+                  Vec::zero());
+}
+
+inline V add_bias(V acc, const ConvArgs& args, int64_t kg) {
+  return args.shift == nullptr ? acc : Vec::add(acc, Vec::load(args.shift + kg));
+}
+
+// Adds z and z * z to the item's fp32 partial sums (full vectors: lanes past k hold zeros from
+// the zero-padded weight panels and bias).
+inline void accumulate_stats(float* sum, float* sumsq, int64_t kk, V z) {
+  Vec::store(sum + kk, Vec::add(Vec::load(sum + kk), z));
+  Vec::store(sumsq + kk, Vec::fma(z, z, Vec::load(sumsq + kk)));
+}
+
+inline void flush_stats(const ConvArgs& args, const float* sum, const float* sumsq, int64_t k0,
+                        int64_t count, double* sums) {
+  for (int64_t j = 0; j < count; ++j) {
+    sums[k0 + j] += sum[j];
+    sums[args.k + k0 + j] += sumsq[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct algorithm. Work item = (image, row group, channel chunk); a row group is one output row,
+// or the two conv rows under one pooled row.
+
+struct DirectGeometry {
+  int64_t rows, groups, cols, chunk_panels, chunks;
+};
+
+inline DirectGeometry direct_geometry(const ConvArgs& args) {
+  DirectGeometry g;
+  g.rows = args.pool ? 2 : 1;
+  g.groups = args.pool ? args.out_h : args.h;
+  g.cols = args.pool ? 2 * args.out_w : args.w;
+  g.chunk_panels = chunk_panels_of(args, args.n * g.groups);
+  g.chunks = ceil_div(panels_of(args), g.chunk_panels);
+  return g;
+}
+
+ConvPlan plan_direct(const ConvArgs& args) {
+  const DirectGeometry g = direct_geometry(args);
+  const int64_t chunk = g.chunk_panels * kPanelWidth;
+  ConvPlan plan;
+  plan.items = args.n * g.groups * g.chunks;
+  plan.scratch_floats = g.rows * g.cols * chunk + 2 * chunk;
+  plan.panels = panels_of(args);
+  plan.packed_floats = plan.panels * args.r * args.r * args.c * kPanelWidth;
+  return plan;
+}
+
+// Weights arrive as KRSC (channels_last (k, c, r, r) tensors: (k, tap, c) in memory). Packing
+// reads 16-channel runs of each filter row (one cache line) and writes whole panel rows.
+constexpr int64_t kPackChannels = 16;
+
+// packed[p][tap][c][j] = weight[p * kPanelWidth + j][tap][c] (0 past k).
+void pack_direct(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
+                 int64_t end) {
+  const int64_t taps = static_cast<int64_t>(args.r) * args.r;
+  const int64_t c_total = args.c;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t k0 = p * kPanelWidth;
+    float* out = packed + p * taps * c_total * kPanelWidth;
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      for (int64_t c0 = 0; c0 < c_total; c0 += kPackChannels) {
+        const int64_t c1 = std::min(c_total, c0 + kPackChannels);
+        for (int64_t c = c0; c < c1; ++c) {
+          float* row = out + (tap * c_total + c) * kPanelWidth;
+          for (int64_t j = 0; j < kPanelWidth; ++j) {
+            const int64_t k = k0 + j;
+            row[j] = k < args.k ? weight[(k * taps + tap) * c_total + c] : 0.0f;
+          }
+        }
+      }
+    }
+  }
+}
+
+void run_direct(const ConvArgs& args, int64_t item, float* scratch, double* sums) {
+  const DirectGeometry g = direct_geometry(args);
+  const int64_t chunk = item % g.chunks;
+  const int64_t group = (item / g.chunks) % g.groups;
+  const int64_t n = item / (g.chunks * g.groups);
+  const int64_t p0 = chunk * g.chunk_panels;
+  const int64_t p1 = std::min(panels_of(args), p0 + g.chunk_panels);
+  const int64_t kc = (p1 - p0) * kPanelWidth;  // scratch row stride
+  const int64_t k0 = p0 * kPanelWidth;
+  const int64_t kvalid = std::min(args.k, p1 * kPanelWidth) - k0;
+  const int64_t c = args.c;
+
+  // Output pixel (h, w) reads padded input rows h + i (i < r), columns w .. w + r - 1: in NHWC
+  // each such kernel row is r * c contiguous floats, in the packed (i, j, c) order. So the
+  // reduction is r taps of depth r * c (for the 3-channel first layer 3 x 9 instead of 9 x 3:
+  // 4.1 -> 2.2 ms single-threaded at batch 4, 112x112).
+  int64_t taps[3];
+  for (int i = 0; i < args.r; ++i) taps[i] = i * args.x_w * c;
+  const int64_t depth = args.r * c;
+  const int64_t panel_stride = args.r * depth * kPanelWidth;
+  for (int64_t row = 0; row < g.rows; ++row) {
+    const int64_t h = group * g.rows + row;
+    const float* a = args.x + (n * args.x_h + h) * args.x_w * c;
+    gemm_rows(a, g.cols, c, taps, args.r, depth, args.packed_weight, panel_stride, p0, p1,
+              scratch + row * g.cols * kc, kc);
+  }
+
+  if (args.epilogue == Epilogue::kScaleShiftReLU && args.pool) {
+    const float* top = scratch;
+    const float* bottom = scratch + g.cols * kc;
+    float* y = args.y + ((n * args.out_h + group) * args.out_w) * args.k + k0;
+    for (int64_t pw = 0; pw < args.out_w; ++pw) {
+      for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
+        const int64_t kg = k0 + kk;
+        const int64_t left = 2 * pw * kc + kk, right = left + kc;
+        const V m = Vec::max(
+            Vec::max(bn_relu(Vec::load(top + left), args, kg),
+                     bn_relu(Vec::load(top + right), args, kg)),
+            Vec::max(bn_relu(Vec::load(bottom + left), args, kg),
+                     bn_relu(Vec::load(bottom + right), args, kg)));
+        store_lanes(y + pw * args.k + kk, m, kvalid - kk);
+      }
+    }
+    return;
+  }
+  const int64_t h = group;
+  float* y = args.y + ((n * args.out_h + h) * args.out_w) * args.k + k0;
+  if (args.epilogue == Epilogue::kScaleShiftReLU) {
+    for (int64_t w = 0; w < g.cols; ++w) {
+      for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
+        store_lanes(y + w * args.k + kk, bn_relu(Vec::load(scratch + w * kc + kk), args, k0 + kk),
+                    kvalid - kk);
+      }
+    }
+    return;
+  }
+  float* sum = scratch + g.rows * g.cols * kc;
+  float* sumsq = sum + kc;
+  std::fill(sum, sum + 2 * kc, 0.0f);
+  for (int64_t w = 0; w < g.cols; ++w) {
+    for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
+      const V z = add_bias(Vec::load(scratch + w * kc + kk), args, k0 + kk);
+      store_lanes(y + w * args.k + kk, z, kvalid - kk);
+      accumulate_stats(sum, sumsq, kk, z);
+    }
+  }
+  flush_stats(args, sum, sumsq, k0, kvalid, sums);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Winograd F(2x2, 3x3). Tile (ti, tj) of an image produces output rows 2ti, 2ti + 1 and columns
+// 2tj, 2tj + 1 from input rows 2ti - 1 .. 2ti + 2 (zero outside). With pool the tile grid is the
+// pooled grid (floor semantics: a trailing odd row/column is never computed).
+//
+// Transforms (Lavin & Gray 2016): V = B^T d B, U = G g G^T, Y = A^T (U .* V) A with
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// Transformed weights: packed[xi][p][c][j] (xi = 4 * row + column of the 4x4 tile).
+// Per item scratch: V [16][block_tiles][c], M [16][block_tiles][chunk], stats [2][chunk].
+
+struct WinogradGeometry {
+  int64_t tiles_h, tiles_w, tiles, block_tiles, blocks, chunk_panels, chunks;
+};
+
+inline WinogradGeometry winograd_geometry(const ConvArgs& args) {
+  WinogradGeometry g;
+  g.tiles_h = args.pool ? args.out_h : ceil_div(args.h, 2);
+  g.tiles_w = args.pool ? args.out_w : ceil_div(args.w, 2);
+  g.tiles = args.n * g.tiles_h * g.tiles_w;
+  // Equal blocks of at most kWinogradTiles tiles (a multiple of kRows): 100 tiles make
+  // 36 + 36 + 28, not 48 + 48 + 4. (Keeping VGG16's 64-tile 7x7 layers in one block, so the
+  // 16.8 MB of transformed 512 x 512 weights stream once instead of twice, measured the same.)
+  const int64_t blocks = ceil_div(g.tiles, kWinogradTiles);
+  g.block_tiles = ceil_div(ceil_div(g.tiles, blocks), kRows) * kRows;
+  g.blocks = ceil_div(g.tiles, g.block_tiles);
+  g.chunk_panels = chunk_panels_of(args, g.blocks);
+  g.chunks = ceil_div(panels_of(args), g.chunk_panels);
+  return g;
+}
+
+ConvPlan plan_winograd(const ConvArgs& args) {
+  const WinogradGeometry g = winograd_geometry(args);
+  const int64_t chunk = g.chunk_panels * kPanelWidth;
+  ConvPlan plan;
+  plan.items = g.blocks * g.chunks;
+  plan.scratch_floats = 16 * g.block_tiles * (args.c + chunk) + 2 * chunk;
+  plan.panels = panels_of(args);
+  plan.packed_floats = 16 * plan.panels * args.c * kPanelWidth;
+  return plan;
+}
+
+void pack_winograd(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
+                   int64_t end) {
+  const int64_t c_total = args.c;
+  const int64_t xi_stride = panels_of(args) * c_total * kPanelWidth;
+  const V half = Vec::bcast(0.5f);
+  float g[kPackChannels][9][kPanelWidth];  // the panel's filters for 16 channels, per tap
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t k0 = p * kPanelWidth;
+    for (int64_t c0 = 0; c0 < c_total; c0 += kPackChannels) {
+      const int64_t cn = std::min(kPackChannels, c_total - c0);
+      for (int64_t j = 0; j < kPanelWidth; ++j) {
+        const bool valid = k0 + j < args.k;
+        const float* src = weight + (k0 + j) * 9 * c_total + c0;
+        for (int tap = 0; tap < 9; ++tap) {
+          for (int64_t cc = 0; cc < cn; ++cc) {
+            g[cc][tap][j] = valid ? src[tap * c_total + cc] : 0.0f;
+          }
+        }
+      }
+      for (int64_t cc = 0; cc < cn; ++cc) {
+        float* out = packed + (p * c_total + c0 + cc) * kPanelWidth;
+        for (int64_t j = 0; j < kPanelWidth; j += Vec::kWidth) {
+          V t[4][3];  // G g, one filter column at a time
+          for (int col = 0; col < 3; ++col) {
+            const V g0 = Vec::load(g[cc][col] + j), g1 = Vec::load(g[cc][3 + col] + j);
+            const V g2 = Vec::load(g[cc][6 + col] + j);
+            t[0][col] = g0;
+            t[1][col] = Vec::mul(half, Vec::add(Vec::add(g0, g1), g2));
+            t[2][col] = Vec::mul(half, Vec::add(Vec::sub(g0, g1), g2));
+            t[3][col] = g2;
+          }
+          for (int row = 0; row < 4; ++row) {  // (G g) G^T
+            const V u0 = t[row][0];
+            const V u1 = Vec::mul(half, Vec::add(Vec::add(t[row][0], t[row][1]), t[row][2]));
+            const V u2 = Vec::mul(half, Vec::add(Vec::sub(t[row][0], t[row][1]), t[row][2]));
+            const V u3 = t[row][2];
+            Vec::store(out + (4 * row + 0) * xi_stride + j, u0);
+            Vec::store(out + (4 * row + 1) * xi_stride + j, u1);
+            Vec::store(out + (4 * row + 2) * xi_stride + j, u2);
+            Vec::store(out + (4 * row + 3) * xi_stride + j, u3);
+          }
+        }
+      }
+    }
+  }
+}
+
+// V = B^T d B on registers (any element type supporting + and -: vectors and scalars).
+template <typename T>
+inline void input_transform(T (&d)[4][4], T (&v)[16]) {
+  T t[4][4];
+  for (int j = 0; j < 4; ++j) {
+    t[0][j] = d[0][j] - d[2][j];
+    t[1][j] = d[1][j] + d[2][j];
+    t[2][j] = d[2][j] - d[1][j];
+    t[3][j] = d[1][j] - d[3][j];
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[4 * i + 0] = t[i][0] - t[i][2];
+    v[4 * i + 1] = t[i][1] + t[i][2];
+    v[4 * i + 2] = t[i][2] - t[i][1];
+    v[4 * i + 3] = t[i][1] - t[i][3];
+  }
+}
+
+inline V vsub(V a, V b) { return Vec::sub(a, b); }
+inline V vadd(V a, V b) { return Vec::add(a, b); }
+
+inline void input_transform_vec(V (&d)[4][4], V (&v)[16]) {
+  V t[4][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[0][j] = vsub(d[0][j], d[2][j]);
+    t[1][j] = vadd(d[1][j], d[2][j]);
+    t[2][j] = vsub(d[2][j], d[1][j]);
+    t[3][j] = vsub(d[1][j], d[3][j]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    v[4 * i + 0] = vsub(t[i][0], t[i][2]);
+    v[4 * i + 1] = vadd(t[i][1], t[i][2]);
+    v[4 * i + 2] = vsub(t[i][2], t[i][1]);
+    v[4 * i + 3] = vsub(t[i][1], t[i][3]);
+  }
+}
+
+// Transforms tiles [t0, t0 + count) into vt[xi][i][c] (row stride c, xi stride block_tiles * c).
+void winograd_input(const ConvArgs& args, const WinogradGeometry& g, int64_t t0, int64_t count,
+                    float* vt) {
+  const int64_t c = args.c;
+  const int64_t xi_stride = g.block_tiles * c;
+  const int64_t cv = c - c % Vec::kWidth;  // channels done with full vectors
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t tj = t % g.tiles_w;
+    const int64_t ti = (t / g.tiles_w) % g.tiles_h;
+    const int64_t n = t / (g.tiles_w * g.tiles_h);
+    const float* rows[4];
+    bool col_ok[4];
+    for (int r = 0; r < 4; ++r) {
+      const int64_t ih = 2 * ti - 1 + r;
+      rows[r] = (ih >= 0 && ih < args.h) ? args.x + ((n * args.h + ih) * args.w) * c : nullptr;
+      const int64_t iw = 2 * tj - 1 + r;
+      col_ok[r] = iw >= 0 && iw < args.w;
+    }
+    const int64_t iw0 = 2 * tj - 1;
+    float* out = vt + i * c;
+    for (int64_t ch = 0; ch < cv; ch += Vec::kWidth) {
+      V d[4][4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) {
+          d[r][s] = (rows[r] != nullptr && col_ok[s])
+                        ? Vec::load(rows[r] + (iw0 + s) * c + ch)
+                        : Vec::zero();
+        }
+      }
+      V v[16];
+      input_transform_vec(d, v);
+#pragma GCC unroll 16
+      for (int xi = 0; xi < 16; ++xi) Vec::store(out + xi * xi_stride + ch, v[xi]);
+    }
+    for (int64_t ch = cv; ch < c; ++ch) {
+      float d[4][4];
+      for (int r = 0; r < 4; ++r) {
+        for (int s = 0; s < 4; ++s) {
+          d[r][s] = (rows[r] != nullptr && col_ok[s]) ? rows[r][(iw0 + s) * c + ch] : 0.0f;
+        }
+      }
+      float v[16];
+      input_transform(d, v);
+      for (int xi = 0; xi < 16; ++xi) out[xi * xi_stride + ch] = v[xi];
+    }
+  }
+}
+
+// Y = A^T m A: the 2x2 outputs of one tile, one vector of channels.
+inline void output_transform(const V (&m)[16], V (&y)[2][2]) {
+  V s[2][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    s[0][j] = vadd(vadd(m[j], m[4 + j]), m[8 + j]);
+    s[1][j] = vsub(vsub(m[4 + j], m[8 + j]), m[12 + j]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    y[i][0] = vadd(vadd(s[i][0], s[i][1]), s[i][2]);
+    y[i][1] = vsub(vsub(s[i][1], s[i][2]), s[i][3]);
+  }
+}
+
+void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* sums) {
+  const WinogradGeometry g = winograd_geometry(args);
+  const int64_t chunk = item % g.chunks;
+  const int64_t block = item / g.chunks;
+  const int64_t t0 = block * g.block_tiles;
+  const int64_t count = std::min(g.block_tiles, g.tiles - t0);
+  const int64_t panels = panels_of(args);
+  const int64_t p0 = chunk * g.chunk_panels;
+  const int64_t p1 = std::min(panels, p0 + g.chunk_panels);
+  const int64_t kc = (p1 - p0) * kPanelWidth;
+  const int64_t k0 = p0 * kPanelWidth;
+  const int64_t kvalid = std::min(args.k, p1 * kPanelWidth) - k0;
+  const int64_t c = args.c;
+
+  float* vt = scratch;
+  const int64_t tiles = g.block_tiles;  // scratch row count
+  float* mt = vt + 16 * tiles * c;
+  winograd_input(args, g, t0, count, vt);
+
+  const int64_t tap0 = 0;
+  const int64_t panel_stride = c * kPanelWidth;
+  for (int xi = 0; xi < 16; ++xi) {
+    gemm_rows(vt + xi * tiles * c, count, c, &tap0, 1, c,
+              args.packed_weight + xi * panels * panel_stride, panel_stride, p0, p1,
+              mt + xi * tiles * kc, kc);
+  }
+
+  const bool stats = args.epilogue == Epilogue::kBiasStats;
+  float* sum = mt + 16 * tiles * kc;
+  float* sumsq = sum + kc;
+  if (stats) std::fill(sum, sum + 2 * kc, 0.0f);
+  const int64_t xi_stride = tiles * kc;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t tj = t % g.tiles_w;
+    const int64_t ti = (t / g.tiles_w) % g.tiles_h;
+    const int64_t n = t / (g.tiles_w * g.tiles_h);
+    const float* m_tile = mt + i * kc;
+    for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
+      const int64_t kg = k0 + kk;
+      const int64_t lanes = kvalid - kk;
+      V m[16];
+#pragma GCC unroll 16
+      for (int xi = 0; xi < 16; ++xi) m[xi] = Vec::load(m_tile + xi * xi_stride + kk);
+      V y[2][2];
+      output_transform(m, y);
+      if (!stats && args.pool) {
+        const V best = Vec::max(Vec::max(bn_relu(y[0][0], args, kg), bn_relu(y[0][1], args, kg)),
+                                Vec::max(bn_relu(y[1][0], args, kg), bn_relu(y[1][1], args, kg)));
+        store_lanes(args.y + ((n * args.out_h + ti) * args.out_w + tj) * args.k + kg, best, lanes);
+        continue;
+      }
+      for (int r = 0; r < 2; ++r) {
+        const int64_t oh = 2 * ti + r;
+        if (oh >= args.h) break;
+        for (int s = 0; s < 2; ++s) {
+          const int64_t ow = 2 * tj + s;
+          if (ow >= args.w) break;
+          float* out = args.y + ((n * args.out_h + oh) * args.out_w + ow) * args.k + kg;
+          if (stats) {
+            const V z = add_bias(y[r][s], args, kg);
+            store_lanes(out, z, lanes);
+            accumulate_stats(sum, sumsq, kk, z);
+          } else {
+            store_lanes(out, bn_relu(y[r][s], args, kg), lanes);
+          }
+        }
+      }
+    }
+  }
+  if (stats) flush_stats(args, sum, sumsq, k0, kvalid, sums);
+}
+
+constexpr KernelTable make_table(const char* isa) {
+  return KernelTable{isa,          kPanelWidth, &plan_direct, &plan_winograd,
+                     &pack_direct, &pack_winograd, &run_direct, &run_winograd};
+}

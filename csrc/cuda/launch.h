@@ -1,0 +1,75 @@
+// ATen-free interface between the CUDA op glue (ops_cuda.cpp, host compiler) and the kernels
+// (*.cu, nvcc). The .cu files include no torch header, which keeps nvcc's work to the kernels.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace vgg_kernels::cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One implicit-GEMM convolution over NHWC tensors (stride 1, kernel r x r, padding r / 2).
+// GEMM rows are output pixels (with pool: 4 consecutive rows are one 2x2 window, so the pool is
+// a max over 4 rows of a tile), columns are output channels, the reduction is r * r * c long in
+// (tap, channel) order, matching the KRSC weight.
+struct ConvParams {
+  const void* x;       // (n, h, w, c), dtype
+  const void* weight;  // (k, r, r, c) = KRSC, dtype
+  const float* scale;  // infer: (k,) fp32
+  const float* shift;  // infer: (k,) fp32; stats: conv bias (k,) fp32 or nullptr
+  void* y;             // infer: (n, out_h, out_w, k); stats: z (n, h, w, k); dtype
+  float* sum;          // stats: (k,) fp32, zero on entry; += sum over pixels of z
+  float* sumsq;        // stats: (k,) fp32, zero on entry; += sum over pixels of z * z
+  int64_t n, h, w, c, k, out_h, out_w;
+  int r;
+  bool pool;
+  int64_t rows;  // GEMM rows: n * h * w, or 4 * n * out_h * out_w with pool
+  int64_t kdim;  // r * r * c
+};
+
+enum class ConvMode : int {
+  kInfer = 0,  // y = maxpool2x2?(relu(acc * scale + shift))
+  kStats = 1,  // z = acc + bias, with per-channel sum and sum of squares of the fp32 z
+};
+
+// fp16 / bf16 on tensor cores; fp32 on tensor cores as tf32 (allow_tf32) or on CUDA cores.
+// Every launcher returns cudaGetLastError() after its launch.
+cudaError_t launch_conv_fp16(const ConvParams& p, ConvMode mode, cudaStream_t stream);
+cudaError_t launch_conv_bf16(const ConvParams& p, ConvMode mode, cudaStream_t stream);
+cudaError_t launch_conv_tf32(const ConvParams& p, ConvMode mode, cudaStream_t stream);
+cudaError_t launch_conv_fp32(const ConvParams& p, ConvMode mode, cudaStream_t stream);
+
+// y = maxpool2x2?(relu(z * scale + shift)); z (n, h, w, k) NHWC, y (n, out_h, out_w, k).
+struct BnReluParams {
+  const void* z;
+  const float* scale;
+  const float* shift;
+  void* y;
+  int64_t n, h, w, k, out_h, out_w;
+  bool pool;
+};
+cudaError_t launch_bn_relu_pool(const BnReluParams& p, DType dtype, cudaStream_t stream);
+
+// Backward of maxpool2x2?(relu(gamma * (z - mean) * invstd + beta)) with batch statistics.
+struct BnReluBackwardParams {
+  const void* grad_y;  // (n, out_h, out_w, k)
+  const void* z;       // (n, h, w, k)
+  const float* mean;
+  const float* invstd;
+  const float* gamma;
+  const float* beta;
+  float* sum_g;        // (k,) zero on entry: sum of g (= grad_beta)
+  float* sum_gx;       // (k,) zero on entry: sum of g * xhat (= grad_gamma)
+  void* grad_z;        // (n, h, w, k)
+  int64_t n, h, w, k, out_h, out_w;
+  bool pool;
+};
+cudaError_t launch_bn_relu_backward(const BnReluBackwardParams& p, DType dtype,
+                                    cudaStream_t stream);
+
+// Compute capabilities the device code was compiled for, e.g. "900" or "800,900".
+const char* compiled_archs();
+
+}  // namespace vgg_kernels::cuda

@@ -1,0 +1,164 @@
+// CUDA implementations of the four ops: layout conversion, allocation, the current stream and
+// device, and the choice of kernel (tensor cores for fp16/bf16, tf32 or CUDA cores for fp32 by
+// torch.backends.cudnn.allow_tf32). Compiled by the host compiler; kernels live in *.cu.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../ops.h"
+#include "launch.h"
+
+namespace vgg_kernels::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat32;
+  }
+}
+
+at::Tensor empty_nhwc(int64_t n, int64_t c, int64_t h, int64_t w, const at::Tensor& like) {
+  return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor fp32_vector(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Inputs in the kernels' layouts: x NHWC, weight KRSC in x's dtype.
+ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight_krsc, bool pool) {
+  ConvParams p{};
+  p.x = x.data_ptr();
+  p.weight = weight_krsc.data_ptr();
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.h = x.size(2);
+  p.w = x.size(3);
+  p.k = weight_krsc.size(0);
+  p.r = static_cast<int>(weight_krsc.size(1));
+  p.pool = pool;
+  p.out_h = pool ? p.h / 2 : p.h;
+  p.out_w = pool ? p.w / 2 : p.w;
+  p.rows = pool ? 4 * p.n * p.out_h * p.out_w : p.n * p.h * p.w;
+  p.kdim = static_cast<int64_t>(p.r) * p.r * p.c;
+  return p;
+}
+
+void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t status;
+  switch (dtype) {
+    case at::kHalf:
+      status = launch_conv_fp16(p, mode, stream);
+      break;
+    case at::kBFloat16:
+      status = launch_conv_bf16(p, mode, stream);
+      break;
+    default:
+      // cuDNN's switch for convolutions; our kernels follow it so fp32 results match.
+      status = at::globalContext().allowTF32CuDNN() ? launch_conv_tf32(p, mode, stream)
+                                                    : launch_conv_fp32(p, mode, stream);
+  }
+  C10_CUDA_CHECK(status);
+}
+
+}  // namespace
+
+std::string archs() { return compiled_archs(); }
+
+at::Tensor conv_bn_relu_infer(const at::Tensor& x_in, const at::Tensor& weight,
+                              const at::Tensor& scale_in, const at::Tensor& shift_in, bool pool) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight_krsc = weight.to(x.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor scale = fp32_vector(scale_in), shift = fp32_vector(shift_in);
+  ConvParams p = conv_params(x, weight_krsc, pool);
+  at::Tensor y = empty_nhwc(p.n, p.k, p.out_h, p.out_w, x);
+  p.scale = scale.data_ptr<float>();
+  p.shift = shift.data_ptr<float>();
+  p.y = y.data_ptr();
+  launch_conv(p, x.scalar_type(), ConvMode::kInfer);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
+    const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight_krsc = weight.to(x.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor bias_f;
+  ConvParams p = conv_params(x, weight_krsc, false);
+  if (bias.has_value()) {
+    bias_f = fp32_vector(*bias);
+    p.shift = bias_f.data_ptr<float>();
+  }
+  at::Tensor z = empty_nhwc(p.n, p.k, p.h, p.w, x);
+  at::Tensor sum = at::zeros({p.k}, x.options().dtype(at::kFloat));
+  at::Tensor sumsq = at::zeros({p.k}, x.options().dtype(at::kFloat));
+  p.y = z.data_ptr();
+  p.sum = sum.data_ptr<float>();
+  p.sumsq = sumsq.data_ptr<float>();
+  launch_conv(p, x.scalar_type(), ConvMode::kStats);
+  return {z, sum, sumsq};
+}
+
+at::Tensor bn_relu_pool(const at::Tensor& z_in, const at::Tensor& scale_in,
+                        const at::Tensor& shift_in, bool pool) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor scale = fp32_vector(scale_in), shift = fp32_vector(shift_in);
+  BnReluParams p{};
+  p.n = z.size(0);
+  p.k = z.size(1);
+  p.h = z.size(2);
+  p.w = z.size(3);
+  p.pool = pool;
+  p.out_h = pool ? p.h / 2 : p.h;
+  p.out_w = pool ? p.w / 2 : p.w;
+  at::Tensor y = empty_nhwc(p.n, p.k, p.out_h, p.out_w, z);
+  p.z = z.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  p.shift = shift.data_ptr<float>();
+  p.y = y.data_ptr();
+  C10_CUDA_CHECK(launch_bn_relu_pool(p, dtype_of(z), c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& z_in, const at::Tensor& mean_in,
+    const at::Tensor& invstd_in, const at::Tensor& gamma_in, const at::Tensor& beta_in,
+    bool pool) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor mean = fp32_vector(mean_in), invstd = fp32_vector(invstd_in);
+  const at::Tensor gamma = fp32_vector(gamma_in), beta = fp32_vector(beta_in);
+  BnReluBackwardParams p{};
+  p.n = z.size(0);
+  p.k = z.size(1);
+  p.h = z.size(2);
+  p.w = z.size(3);
+  p.pool = pool;
+  p.out_h = pool ? p.h / 2 : p.h;
+  p.out_w = pool ? p.w / 2 : p.w;
+  at::Tensor sum_g = at::zeros({p.k}, z.options().dtype(at::kFloat));
+  at::Tensor sum_gx = at::zeros({p.k}, z.options().dtype(at::kFloat));
+  at::Tensor grad_z = empty_nhwc(p.n, p.k, p.h, p.w, z);
+  p.grad_y = grad_y.data_ptr();
+  p.z = z.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.invstd = invstd.data_ptr<float>();
+  p.gamma = gamma.data_ptr<float>();
+  p.beta = beta.data_ptr<float>();
+  p.sum_g = sum_g.data_ptr<float>();
+  p.sum_gx = sum_gx.data_ptr<float>();
+  p.grad_z = grad_z.data_ptr();
+  C10_CUDA_CHECK(launch_bn_relu_backward(p, dtype_of(z), c10::cuda::getCurrentCUDAStream()));
+  return {grad_z, sum_gx.to(gamma_in.scalar_type()), sum_g.to(beta_in.scalar_type())};
+}
+
+}  // namespace vgg_kernels::cuda

@@ -1,0 +1,218 @@
+// The one schema and binding file of vgg_kernels._C: op schemas (TORCH_LIBRARY), input checks
+// whose messages name the argument, and dispatch to the CPU (csrc/cpu/) and CUDA (csrc/cuda/)
+// implementations. The semantics of every op are those of vgg_kernels/backends/reference.py;
+// fake (meta) kernels for torch.compile live in vgg_kernels/backends/native.py.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "ops.h"
+
+namespace vgg_kernels {
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    s += (i ? ", " : "") + std::to_string(t.size(i));
+  }
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
+
+void check_storage_dtype(const at::Tensor& t, const char* name) {
+  if (t.is_cuda()) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                    t.scalar_type() == at::kBFloat16,
+                name, " must be float32, float16 or bfloat16 on CUDA (got ", t.scalar_type(),
+                ")");
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 on the CPU (got ",
+                t.scalar_type(), ")");
+  }
+}
+
+void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, name, " must be a 4-D tensor (N, C, H, W) (got ", t.dim(),
+              "-D shape ", shape_str(t), ")");
+  TORCH_CHECK(t.is_cpu() || t.is_cuda(), name, " must be a CPU or CUDA tensor (got ",
+              t.device(), ")");
+  check_storage_dtype(t, name);
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ",
+              ref.device(), " (got ", t.device(), ")");
+}
+
+void check_channel_vector(const at::Tensor& t, const char* name, int64_t k,
+                          const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == k, name, " must have shape (", k, ",) (got ",
+              shape_str(t), ")");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              " must be a floating-point tensor (got ", t.scalar_type(), ")");
+  check_same_device(t, name, ref, ref_name);
+}
+
+void check_pool_size(const at::Tensor& t, const char* name, bool pool) {
+  TORCH_CHECK(!pool || t.size(0) == 0 || (t.size(2) >= 2 && t.size(3) >= 2), name,
+              " must be at least 2x2 for the fused 2x2 max-pool (got ", t.size(2), "x",
+              t.size(3), ")");
+}
+
+// x: (N, C, H, W); weight: (K, C, R, R) with R in {1, 3}.
+void check_conv(const at::Tensor& x, const at::Tensor& weight) {
+  check_activation(x, "x");
+  TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (K, C, R, R) (got ", weight.dim(),
+              "-D shape ", shape_str(weight), ")");
+  TORCH_CHECK(weight.size(2) == weight.size(3) && (weight.size(2) == 1 || weight.size(2) == 3),
+              "weight must have kernel size 3x3 or 1x1 (got ", weight.size(2), "x",
+              weight.size(3), ")");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x must have ", weight.size(1),
+              " channels to match weight (got ", x.size(1), ")");
+  TORCH_CHECK(x.size(1) > 0, "x must have at least 1 channel (got 0)");
+  TORCH_CHECK(weight.size(0) > 0, "weight must have at least 1 output channel (got 0)");
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
+              "weight must be a floating-point tensor (got ", weight.scalar_type(), ")");
+  check_same_device(weight, "weight", x, "x");
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t k, bool pool) {
+  const int64_t h = x.size(2), w = x.size(3);
+  return {x.size(0), k, pool ? h / 2 : h, pool ? w / 2 : w};
+}
+
+at::Tensor empty_channels_last(at::IntArrayRef shape, const at::Tensor& like) {
+  return at::empty(shape, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor stats_zeros(int64_t k, const at::Tensor& like) {
+  return at::zeros({k}, like.options().dtype(at::kFloat));
+}
+
+at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& scale, const at::Tensor& shift, bool pool) {
+  check_conv(x, weight);
+  const int64_t k = weight.size(0);
+  check_channel_vector(scale, "scale", k, x, "x");
+  check_channel_vector(shift, "shift", k, x, "x");
+  check_pool_size(x, "x", pool);
+  if (x.numel() == 0) return empty_channels_last(output_shape(x, k, pool), x);
+#ifdef VGG_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return cuda::conv_bn_relu_infer(x, weight, scale, shift, pool);
+#endif
+  TORCH_CHECK(x.is_cpu(), "x is a CUDA tensor but vgg_kernels._C was built without CUDA kernels");
+  return cpu::conv_bn_relu_infer(x, weight, scale, shift, pool);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_conv(x, weight);
+  const int64_t k = weight.size(0);
+  if (bias.has_value()) check_channel_vector(*bias, "bias", k, x, "x");
+  if (x.numel() == 0) {
+    return {empty_channels_last(output_shape(x, k, false), x), stats_zeros(k, x),
+            stats_zeros(k, x)};
+  }
+#ifdef VGG_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return cuda::conv_bn_stats(x, weight, bias);
+#endif
+  TORCH_CHECK(x.is_cpu(), "x is a CUDA tensor but vgg_kernels._C was built without CUDA kernels");
+  return cpu::conv_bn_stats(x, weight, bias);
+}
+
+at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                        bool pool) {
+  check_activation(z, "z");
+  const int64_t k = z.size(1);
+  check_channel_vector(scale, "scale", k, z, "z");
+  check_channel_vector(shift, "shift", k, z, "z");
+  check_pool_size(z, "z", pool);
+  if (z.numel() == 0) return empty_channels_last(output_shape(z, k, pool), z);
+#ifdef VGG_KERNELS_WITH_CUDA
+  if (z.is_cuda()) return cuda::bn_relu_pool(z, scale, shift, pool);
+#endif
+  TORCH_CHECK(z.is_cpu(), "z is a CUDA tensor but vgg_kernels._C was built without CUDA kernels");
+  return cpu::bn_relu_pool(z, scale, shift, pool);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool pool) {
+  check_activation(z, "z");
+  const int64_t k = z.size(1);
+  check_pool_size(z, "z", pool);
+  const auto expected = output_shape(z, k, pool);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(expected), "grad_y must have shape ",
+              at::IntArrayRef(expected), " (got ", grad_y.sizes(), ")");
+  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()),
+              "grad_y must be a floating-point tensor (got ", grad_y.scalar_type(), ")");
+  check_same_device(grad_y, "grad_y", z, "z");
+  check_channel_vector(mean, "mean", k, z, "z");
+  check_channel_vector(invstd, "invstd", k, z, "z");
+  check_channel_vector(gamma, "gamma", k, z, "z");
+  check_channel_vector(beta, "beta", k, z, "z");
+  if (z.numel() == 0) {
+    return {empty_channels_last(z.sizes(), z), at::zeros({k}, gamma.options()),
+            at::zeros({k}, beta.options())};
+  }
+  const at::Tensor grad = grad_y.to(z.scalar_type());
+#ifdef VGG_KERNELS_WITH_CUDA
+  if (z.is_cuda()) return cuda::bn_relu_backward(grad, z, mean, invstd, gamma, beta, pool);
+#endif
+  TORCH_CHECK(z.is_cpu(), "z is a CUDA tensor but vgg_kernels._C was built without CUDA kernels");
+  return cpu::bn_relu_backward(grad, z, mean, invstd, gamma, beta, pool);
+}
+
+// "cpu=<isa> cuda=<archs>|none": what this build runs (vgg_kernels/backends/native.py reads it).
+std::string build_info() {
+  std::string info = "cpu=" + cpu::isa();
+#ifdef VGG_KERNELS_WITH_CUDA
+  info += " cuda=" + cuda::archs();
+#else
+  info += " cuda=none";
+#endif
+  return info;
+}
+
+}  // namespace
+}  // namespace vgg_kernels
+
+TORCH_LIBRARY(vgg_kernels, m) {
+  m.def("conv_bn_relu_infer(Tensor x, Tensor weight, Tensor scale, Tensor shift, bool pool) "
+        "-> Tensor");
+  m.def("conv_bn_stats(Tensor x, Tensor weight, Tensor? bias) "
+        "-> (Tensor z, Tensor sum, Tensor sumsq)");
+  m.def("bn_relu_pool(Tensor z, Tensor scale, Tensor shift, bool pool) -> Tensor");
+  m.def("bn_relu_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor gamma, "
+        "Tensor beta, bool pool) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta)");
+  m.def("build_info() -> str", &vgg_kernels::build_info);
+}
+
+TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {
+  m.impl("conv_bn_relu_infer", &vgg_kernels::conv_bn_relu_infer);
+  m.impl("conv_bn_stats", &vgg_kernels::conv_bn_stats);
+  m.impl("bn_relu_pool", &vgg_kernels::bn_relu_pool);
+  m.impl("bn_relu_backward", &vgg_kernels::bn_relu_backward);
+}
+
+#ifdef VGG_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(vgg_kernels, CUDA, m) {
+  m.impl("conv_bn_relu_infer", &vgg_kernels::conv_bn_relu_infer);
+  m.impl("conv_bn_stats", &vgg_kernels::conv_bn_stats);
+  m.impl("bn_relu_pool", &vgg_kernels::bn_relu_pool);
+  m.impl("bn_relu_backward", &vgg_kernels::bn_relu_backward);
+}
+#endif
+
+// `import vgg_kernels._C` runs the registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "vgg_kernels ops, registered under torch.ops.vgg_kernels",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}

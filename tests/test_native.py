@@ -1,0 +1,515 @@
+"""The native backend (vgg_kernels._C): C++ CPU kernels against the float64 oracle, the training
+ops and their autograd glue against the reference backend, input checks, torch.compile through
+the TORCH_LIBRARY registration, and (marked gpu) the CUDA kernels against cuDNN."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_within_rule, error_report, relative_error
+
+import vgg_kernels
+from vgg_kernels import FusedConvBNReLU, FusedVGG, ops
+from vgg_kernels import backends as registry
+from vgg_kernels.backends import native
+from vgg_kernels.backends.reference import (
+    bn_relu_backward_reference,
+    bn_relu_pool_reference,
+    conv_bn_relu_infer_reference,
+    conv_bn_stats_reference,
+)
+
+CPU = torch.device("cpu")
+
+# (N, C, K, H, W, R, pool): C, K, H, W off every block size (the AVX-512 panel is 64 channels,
+# the Winograd tile 2x2, the register tile 6 pixels); batch 1; odd H/W with pooling; C = 3; 1x1;
+# more than one channel panel with a tail (K = 70, 130).
+SHAPES = [
+    (2, 3, 20, 9, 11, 3, True),
+    (1, 3, 16, 8, 8, 3, False),
+    (2, 19, 33, 7, 6, 3, False),
+    (1, 24, 17, 5, 7, 3, True),
+    (2, 40, 24, 6, 5, 1, False),
+    (1, 21, 18, 7, 9, 1, True),
+    (1, 64, 70, 4, 6, 3, True),
+    (1, 130, 130, 5, 3, 3, False),
+    (3, 32, 8, 1, 9, 3, False),
+]
+SHAPE_IDS = ["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in SHAPES]
+
+
+def _native_reason(device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                   op: str = "conv_bn_relu_infer") -> str | None:
+    return native.BACKEND.unavailable_reason(device, dtype, op)
+
+
+@pytest.fixture
+def native_cpu():
+    reason = _native_reason()
+    if reason is not None:
+        pytest.skip(f"the native backend cannot run here: {reason}")
+    return native.BACKEND
+
+
+@pytest.fixture
+def poison_outputs():
+    """at::empty fills new tensors with NaN in deterministic mode: an output element a kernel
+    forgets to write then fails the comparison."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(params=["direct", "winograd"])
+def algorithm(request, monkeypatch):
+    monkeypatch.setenv("VGG_KERNELS_CPU_CONV", request.param)
+    return request.param
+
+
+def _conv_inputs(n, c, k, h, w, r, dtype=torch.float32, device=CPU):
+    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, r, device=device) / (c * r * r) ** 0.5).to(dtype)
+    scale = torch.rand(k, device=device) + 0.5
+    shift = torch.randn(k, device=device) * 0.5
+    return x, weight, scale, shift
+
+
+def _bn_inputs(k, device=CPU):
+    mean = torch.randn(k, device=device) * 0.2
+    invstd = torch.rand(k, device=device) + 0.5
+    gamma = torch.rand(k, device=device) + 0.5
+    beta = torch.randn(k, device=device) * 0.3
+    return mean, invstd, gamma, beta
+
+
+def _f64(*tensors):
+    return [t.double() if t is not None else None for t in tensors]
+
+
+# -- CPU inference kernel ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cpu_infer_matches_oracle(shape, algorithm, native_cpu, poison_outputs):
+    n, c, k, h, w, r, pool = shape
+    x, weight, scale, shift = _conv_inputs(n, c, k, h, w, r)
+    y = native_cpu.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    oracle = conv_bn_relu_infer_reference(*_f64(x, weight, scale, shift), pool)
+    torch_result = conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
+    assert_within_rule(y, torch_result, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[6], SHAPES[7]],
+                         ids=lambda s: f"C{s[1]}K{s[2]}")
+def test_cpu_infer_every_instruction_set(shape, isa, algorithm, native_cpu, monkeypatch,
+                                         poison_outputs):
+    monkeypatch.setenv("VGG_KERNELS_CPU_ISA", isa)
+    n, c, k, h, w, r, pool = shape
+    x, weight, scale, shift = _conv_inputs(n, c, k, h, w, r)
+    try:
+        y = native_cpu.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    except RuntimeError as error:
+        if "does not have" not in str(error):
+            raise
+        pytest.skip(f"this CPU or build has no {isa} kernels")
+    oracle = conv_bn_relu_infer_reference(*_f64(x, weight, scale, shift), pool)
+    assert_within_rule(y, conv_bn_relu_infer_reference(x, weight, scale, shift, pool), oracle,
+                       torch.float32)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cpu_infer_accepts_nchw_and_strided_views(memory_format, native_cpu):
+    x, weight, scale, shift = _conv_inputs(2, 5, 6, 8, 10, 3)
+    x = x.contiguous(memory_format=memory_format)[:, :, 1:, ::2]
+    weight = weight.transpose(2, 3)  # a non-contiguous weight too
+    y = native_cpu.conv_bn_relu_infer(x, weight, scale, shift, True)
+    oracle = conv_bn_relu_infer_reference(*_f64(x, weight, scale, shift), True)
+    assert_within_rule(y, conv_bn_relu_infer_reference(x, weight, scale, shift, True), oracle,
+                       torch.float32)
+
+
+def test_cpu_infer_empty_batch(native_cpu):
+    x, weight, scale, shift = _conv_inputs(1, 3, 4, 6, 6, 3)
+    y = native_cpu.conv_bn_relu_infer(x[:0], weight, scale, shift, True)
+    assert y.shape == (0, 4, 3, 3)
+
+
+def test_fused_vgg_eval_runs_native_by_default(native_cpu, poison_outputs):
+    model = FusedVGG("A", num_classes=10).eval()
+    reference = FusedVGG("A", num_classes=10, backend="reference").eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert registry.resolve_backend("auto", CPU, torch.float32, "conv_bn_relu_infer").name == \
+        "native"
+    with torch.no_grad():
+        got, want = model(x), reference(x)
+        oracle = reference.double()(x.double())
+    assert_within_rule(got, want, oracle, torch.float32)
+
+
+# -- CPU training ops ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_conv_bn_stats_matches_oracle(shape, with_bias, algorithm, native_cpu,
+                                          poison_outputs):
+    n, c, k, h, w, r, _ = shape
+    x, weight, _, _ = _conv_inputs(n, c, k, h, w, r)
+    bias = torch.randn(k) if with_bias else None
+    z, total, total_sq = native_cpu.conv_bn_stats(x, weight, bias)
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    assert total.dtype == total_sq.dtype == torch.float32
+    oracle = conv_bn_stats_reference(*_f64(x, weight, bias))
+    torch_result = conv_bn_stats_reference(x, weight, bias)
+    for got, want, ref in zip((z, total, total_sq), torch_result, oracle, strict=True):
+        assert_within_rule(got, want, ref, torch.float32)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("n, k, h, w", [(2, 5, 7, 9), (1, 70, 4, 4), (3, 3, 5, 2)])
+def test_cpu_bn_relu_pool_and_backward_match_oracle(n, k, h, w, pool, native_cpu,
+                                                    poison_outputs):
+    z = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last)
+    mean, invstd, gamma, beta = _bn_inputs(k)
+    scale = gamma * invstd
+    shift = beta - mean * scale
+    y = native_cpu.bn_relu_pool(z, scale, shift, pool)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_within_rule(y, bn_relu_pool_reference(z, scale, shift, pool),
+                       bn_relu_pool_reference(*_f64(z, scale, shift), pool), torch.float32)
+    grad_y = torch.randn_like(y)
+    got = native_cpu.bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool)
+    want = bn_relu_backward_reference(grad_y, z, mean, invstd, gamma, beta, pool)
+    oracle = bn_relu_backward_reference(*_f64(grad_y, z, mean, invstd, gamma, beta), pool)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, t, o in zip(got, want, oracle, strict=True):
+        assert_within_rule(g, t, o, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5], SHAPES[6]],
+                         ids=[SHAPE_IDS[i] for i in (0, 2, 4, 5, 6)])
+def test_cpu_training_block_matches_oracle(shape, native_cpu):
+    """ops._train_on_backend on native vs the reference backend in fp32, both vs float64:
+    output, every gradient, and the running statistics."""
+    n, c, k, h, w, r, pool = shape
+    x, weight, _, _ = _conv_inputs(n, c, k, h, w, r)
+    base = {"x": x, "weight": weight, "bias": torch.randn(k) * 0.1,
+            "gamma": torch.rand(k) + 0.5, "beta": torch.randn(k) * 0.2}
+    stats0 = (torch.randn(k) * 0.1, torch.rand(k) + 0.5)
+
+    def run(backend, dtype):
+        leaves = {key: v.to(dtype).clone().requires_grad_(True) for key, v in base.items()}
+        stats = [s.to(dtype).clone() for s in stats0]
+        y = ops._train_on_backend(backend, leaves["x"], leaves["weight"], leaves["bias"],
+                                  leaves["gamma"], leaves["beta"], *stats, 0.1, 1e-5, pool)
+        y.backward(grad.to(dtype))
+        return y, leaves, stats
+
+    reference = registry.get_backend("reference")
+    grad = torch.randn(n, k, h // 2 if pool else h, w // 2 if pool else w)
+    y, leaves, stats = run(native_cpu, torch.float32)
+    y_t, leaves_t, stats_t = run(reference, torch.float32)
+    y_o, leaves_o, stats_o = run(reference, torch.float64)
+    assert_within_rule(y, y_t, y_o, torch.float32)
+    for key in ("x", "weight", "gamma", "beta"):
+        assert_within_rule(leaves[key].grad, leaves_t[key].grad, leaves_o[key].grad,
+                           torch.float32)
+    # d loss / d conv bias is exactly 0 through train-mode BN: rounding noise on both sides
+    assert leaves["bias"].grad.abs().max() < 1e-4
+    for got, want, ref in zip(stats, stats_t, stats_o, strict=True):
+        assert_within_rule(got, want, ref, torch.float32)
+
+
+def test_cpu_fused_block_and_model_train_mode_match_reference(native_cpu):
+    block = FusedConvBNReLU(5, 7, pool=True, backend="native")
+    twin = FusedConvBNReLU(5, 7, pool=True, backend="reference")
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(3, 5, 9, 11)
+    x2 = x.clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    y, y_twin = block(x), twin(x2)
+    assert relative_error(y, y_twin) < 1e-5, error_report(y, y_twin)
+    y.square().sum().backward()
+    y_twin.square().sum().backward()
+    for got, want in ((x.grad, x2.grad), (block.conv.weight.grad, twin.conv.weight.grad),
+                      (block.bn.weight.grad, twin.bn.weight.grad),
+                      (block.bn.running_var, twin.bn.running_var)):
+        assert relative_error(got, want) < 1e-5, error_report(got, want)
+
+    model = FusedVGG("A", num_classes=10, backend="native", dropout=0.0)
+    twin_model = FusedVGG("A", num_classes=10, backend="reference", dropout=0.0)
+    twin_model.load_state_dict(model.state_dict())
+    inputs = torch.randn(2, 3, 32, 32)
+    out, out_twin = model(inputs), twin_model(inputs)
+    assert relative_error(out, out_twin) < 1e-5, error_report(out, out_twin)
+    out.square().sum().backward()
+    out_twin.square().sum().backward()
+    got = model.features[0].conv.weight.grad
+    want = twin_model.features[0].conv.weight.grad
+    assert relative_error(got, want) < 1e-4, error_report(got, want)
+
+
+# -- input checks --------------------------------------------------------------------------------
+
+BAD_CALLS = {  # name -> (call on (x, weight, scale, shift) of a C=3, K=4, 6x6 problem, message)
+    "x 3-D": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x[0], w, s, b, False),
+              "x must be a 4-D tensor"),
+    "x channels": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x[:, :2], w, s, b, False),
+                   "x must have 3 channels"),
+    "kernel 2x2": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x, w[..., :2, :2], s, b, False),
+                   "weight must have kernel size 3x3 or 1x1"),
+    "weight 3-D": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x, w[0], s, b, False),
+                   "weight must be a 4-D tensor"),
+    "scale length": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x, w, s[:3], b, False),
+                     r"scale must have shape \(4,\)"),
+    "shift 2-D": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x, w, s, b[:, None], False),
+                  r"shift must have shape \(4,\)"),
+    "x fp16 on CPU": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x.half(), w, s, b, False),
+                      "x must be float32 on the CPU"),
+    "pool 1x6": (lambda v, x, w, s, b: v.conv_bn_relu_infer(x[:, :, :1], w, s, b, True),
+                 "x must be at least 2x2"),
+    "bias length": (lambda v, x, w, s, b: v.conv_bn_stats(x, w, torch.zeros(5)),
+                    r"bias must have shape \(4,\)"),
+    "z 3-D": (lambda v, x, w, s, b: v.bn_relu_pool(x[0], s[:3], b[:3], False),
+              "z must be a 4-D tensor"),
+    "bn scale length": (lambda v, x, w, s, b: v.bn_relu_pool(x, s, b, False),
+                        r"scale must have shape \(3,\)"),
+    "grad_y shape": (lambda v, x, w, s, b: v.bn_relu_backward(
+        torch.zeros(1, 3, 6, 6), x, *(torch.ones(3),) * 4, True), "grad_y must have shape"),
+    "mean length": (lambda v, x, w, s, b: v.bn_relu_backward(
+        torch.zeros(1, 3, 3, 3), x, torch.ones(2), *(torch.ones(3),) * 3, True),
+        r"mean must have shape \(3,\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_inputs_name_the_argument(case, native_cpu):
+    call, match = BAD_CALLS[case]
+    x, weight, scale, shift = _conv_inputs(1, 3, 4, 6, 6, 3)
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.ops.vgg_kernels, x, weight, scale, shift)
+
+
+def test_bad_environment_knobs_are_named(native_cpu, monkeypatch):
+    x, weight, scale, shift = _conv_inputs(1, 3, 4, 6, 6, 3)
+    monkeypatch.setenv("VGG_KERNELS_CPU_CONV", "fft")
+    with pytest.raises(RuntimeError, match="VGG_KERNELS_CPU_CONV must be"):
+        native_cpu.conv_bn_relu_infer(x, weight, scale, shift, False)
+    monkeypatch.setenv("VGG_KERNELS_CPU_CONV", "auto")
+    monkeypatch.setenv("VGG_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="VGG_KERNELS_CPU_ISA must be"):
+        native_cpu.conv_bn_relu_infer(x, weight, scale, shift, False)
+
+
+def test_unavailable_reasons_say_why(native_cpu):
+    assert "supports float32 on CPU" in _native_reason(CPU, torch.float16)
+    assert _native_reason(CPU, torch.float32, "conv_bn_relu_train") is None
+    assert "has no" in _native_reason(CPU, torch.float32, "winograd")
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch):
+    """Without a prebuilt extension and with the JIT build turned off, native is unavailable and
+    names the reason; 'auto' then runs reference with a single warning."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setitem(sys.modules, "vgg_kernels._C", None)  # makes the import fail
+    monkeypatch.delattr(vgg_kernels, "_C", raising=False)
+    monkeypatch.setenv("VGG_KERNELS_JIT", "0")
+    monkeypatch.setattr(registry, "_WARNED", set())
+    reason = _native_reason()
+    assert reason is not None and "VGG_KERNELS_JIT=0" in reason
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            name = registry.resolve_backend("auto", CPU, torch.float32, "conv_bn_relu_infer").name
+            assert name == "reference"
+    fallbacks = [w for w in record if issubclass(w.category, registry.BackendFallbackWarning)]
+    assert len(fallbacks) == 1 and "'native'" in str(fallbacks[0].message)
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+
+def test_compile_fullgraph_eval_through_native_registration(native_cpu):
+    torch._dynamo.reset()
+    model = FusedVGG("A", num_classes=10, backend="native").eval()
+    x = torch.randn(2, 3, 32, 32)
+    traced_ops: set[str] = set()
+
+    def recording_backend(gm, example_inputs):
+        traced_ops.update(str(node.target) for node in gm.graph.nodes
+                          if node.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, fullgraph=True, backend=recording_backend)(x)
+        torch._dynamo.reset()
+        got_aot = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert any("vgg_kernels.conv_bn_relu_infer" in op for op in traced_ops), traced_ops
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_aot, expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+# -- CUDA kernels against cuDNN (run by benchmarks/device_native.sh) -----------------------------
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# VGG16's distinct conv layers at 224x224: (C, K, H, pool)
+VGG16_LAYERS = [(3, 64, 224, False), (64, 64, 224, True), (64, 128, 112, False),
+                (128, 128, 112, True), (128, 256, 56, False), (256, 256, 56, True),
+                (256, 512, 28, False), (512, 512, 28, True), (512, 512, 14, False),
+                (512, 512, 14, True)]
+GPU_BATCH = 8
+
+
+@pytest.fixture
+def native_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reason = _native_reason(torch.device("cuda"), torch.float16)
+    if reason is not None:
+        pytest.skip(f"the native backend cannot run on this GPU: {reason}")
+    return native.BACKEND
+
+
+def _round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to tf32's 10 mantissa bits (to nearest, ties to even): what tensor cores read."""
+    bits = t.float().contiguous().view(torch.int32).to(torch.int64)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.to(torch.int32).view(torch.float32).reshape(t.shape)
+
+
+def _torch_error_reference(dtype, torch_result, tf32_result, oracle):
+    """PyTorch's own result to measure the error rule against. For fp32 with allow_tf32, cuDNN
+    may or may not pick a tf32 algorithm for a given shape: take the looser of its result and an
+    exact computation on tf32-rounded operands (the error tf32 mode permits)."""
+    if dtype != torch.float32 or not torch.backends.cudnn.allow_tf32:
+        return torch_result
+    if relative_error(tf32_result, oracle) > relative_error(torch_result, oracle):
+        return tf32_result
+    return torch_result
+
+
+def _cudnn_block(x, weight, bias, gamma, beta, mean, var, pool, training):
+    """cuDNN conv + batch_norm + relu (+ max_pool2d), PyTorch's eager ops."""
+    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
+    y = torch.relu(F.batch_norm(y, mean, var, gamma, beta, training, 0.1, 1e-5))
+    return F.max_pool2d(y, 2) if pool else y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_infer_matches_cudnn(layer, dtype, native_cuda):
+    c, k, h, pool = layer
+    dev = torch.device("cuda")
+    x, weight, _, _ = _conv_inputs(GPU_BATCH, c, k, h, h, 3, dtype, dev)
+    bias, (mean, invstd, gamma, beta) = torch.randn(k, device=dev) * 0.1, _bn_inputs(k, dev)
+    var = invstd.pow(-2) - 1e-5
+    scale, shift = ops.fold_bn(bias, mean, var, gamma, beta, 1e-5, k, dev)
+    y = native_cuda.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    # cuDNN's mixed-precision BN: dtype activations, fp32 parameters and statistics
+    torch_result = _cudnn_block(x, weight, bias.to(dtype), gamma, beta, mean, var, pool, False)
+    oracle = _cudnn_block(*_f64(x, weight, bias, gamma, beta, mean, var), pool, False)
+    tf32_result = _cudnn_block(*_f64(_round_tf32(x), _round_tf32(weight), bias, gamma, beta, mean,
+                                     var), pool, False).float()
+    assert_within_rule(y, _torch_error_reference(dtype, torch_result, tf32_result, oracle), oracle,
+                       dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", [VGG16_LAYERS[0], VGG16_LAYERS[3], VGG16_LAYERS[8]],
+                         ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_infer_fp32_without_tf32(layer, native_cuda, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    c, k, h, pool = layer
+    dev = torch.device("cuda")
+    x, weight, scale, shift = _conv_inputs(GPU_BATCH, c, k, h, h, 3, torch.float32, dev)
+    y = native_cuda.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    oracle = conv_bn_relu_infer_reference(*_f64(x, weight, scale, shift), pool)
+    assert_within_rule(y, conv_bn_relu_infer_reference(x, weight, scale, shift, pool), oracle,
+                       torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cuda_infer_odd_shapes(shape, dtype, native_cuda):
+    n, c, k, h, w, r, pool = shape
+    x, weight, scale, shift = _conv_inputs(n, c, k, h, w, r, dtype, torch.device("cuda"))
+    y = native_cuda.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    oracle = conv_bn_relu_infer_reference(*_f64(x, weight, scale, shift), pool)
+    tf32_result = conv_bn_relu_infer_reference(
+        *_f64(_round_tf32(x), _round_tf32(weight), scale, shift), pool).float()
+    torch_result = conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
+    assert_within_rule(y, _torch_error_reference(dtype, torch_result, tf32_result, oracle),
+                       oracle, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", [VGG16_LAYERS[0], VGG16_LAYERS[4], VGG16_LAYERS[8]],
+                         ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_conv_bn_stats_tf32(layer, native_cuda, monkeypatch):
+    """The training forward's conv on tensor cores in tf32 (the default for fp32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    c, k, h, _ = layer
+    x, weight, _, _ = _conv_inputs(GPU_BATCH, c, k, h, h, 3, torch.float32, torch.device("cuda"))
+    bias = torch.randn(k, device="cuda") * 0.1
+    got = native_cuda.conv_bn_stats(x, weight, bias)
+    oracle = conv_bn_stats_reference(*_f64(x, weight, bias))
+    tf32 = conv_bn_stats_reference(*_f64(_round_tf32(x), _round_tf32(weight), bias))
+    theirs = conv_bn_stats_reference(x, weight, bias)
+    for g, t, t32, o in zip(got, theirs, tf32, oracle, strict=True):
+        assert_within_rule(g, _torch_error_reference(torch.float32, t, t32.float(), o), o,
+                           torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_training_matches_cudnn(layer, dtype, native_cuda, monkeypatch):
+    """Forward (conv_bn_stats + bn_relu_pool), backward (bn_relu_backward, then cuDNN dgrad and
+    wgrad) and the running statistics, against cuDNN's conv + batch_norm + relu + max_pool2d.
+    fp32 runs without tf32 (test_cuda_conv_bn_stats_tf32 covers that path), so both sides are
+    full fp32 throughout."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    c, k, h, pool = layer
+    dev = torch.device("cuda")
+    x, weight, _, _ = _conv_inputs(GPU_BATCH, c, k, h, h, 3, dtype, dev)
+    base = {"x": x, "weight": weight, "bias": torch.randn(k, device=dev) * 0.1,
+            "gamma": torch.rand(k, device=dev) + 0.5, "beta": torch.randn(k, device=dev) * 0.2}
+    stats0 = (torch.randn(k, device=dev) * 0.1, torch.rand(k, device=dev) + 0.5)
+    out = h // 2 if pool else h
+    grad = torch.randn(GPU_BATCH, k, out, out, device=dev)
+
+    def leaves_in(dtype_):
+        # conv operands in dtype_; BN parameters fp32 (cuDNN's mixed-precision BN) or fp64
+        bn_dtype = torch.float64 if dtype_ == torch.float64 else torch.float32
+        return {key: v.to(bn_dtype if key in ("gamma", "beta") else dtype_).clone()
+                .requires_grad_(True) for key, v in base.items()}
+
+    ours, stats = leaves_in(dtype), [s.clone() for s in stats0]
+    y = ops._train_on_backend(native_cuda, ours["x"], ours["weight"], ours["bias"],
+                              ours["gamma"], ours["beta"], *stats, 0.1, 1e-5, pool)
+    y.backward(grad.to(dtype))
+    results = {}
+    for name, dtype_ in (("torch", dtype), ("oracle", torch.float64)):
+        leaves = leaves_in(dtype_)
+        st = [s.to(torch.float64 if dtype_ == torch.float64 else torch.float32).clone()
+              for s in stats0]
+        out_ = _cudnn_block(leaves["x"], leaves["weight"], leaves["bias"], leaves["gamma"],
+                            leaves["beta"], *st, pool, True)
+        out_.backward(grad.to(dtype_))
+        results[name] = (out_, leaves, st)
+    (y_t, leaves_t, stats_t), (y_o, leaves_o, stats_o) = results["torch"], results["oracle"]
+    assert_within_rule(y, y_t, y_o, dtype)
+    for key in ("x", "weight", "gamma", "beta"):
+        assert_within_rule(ours[key].grad, leaves_t[key].grad, leaves_o[key].grad, dtype)
+    for got, want, ref in zip(stats, stats_t, stats_o, strict=True):
+        assert_within_rule(got, want, ref, dtype)
