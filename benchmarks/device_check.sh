@@ -3,8 +3,8 @@
 #
 #   OUT=/some/dir VGG_KERNELS_COMMIT=<sha> bash benchmarks/device_check.sh [--quick]
 #
-# Every step runs under `timeout` and logs to $OUT/log.txt; a failing step does not stop the
-# next. $OUT/device_check.json records each step's status and time; the benchmark steps write
+# Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_MODEL seconds
+# override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each step's status and time; the benchmark steps write
 # their own JSON next to it. The last lines printed are the summary table.
 set -u
 cd "$(dirname "$0")/.."
@@ -47,24 +47,24 @@ cat "$OUT/environment.txt" >>"$LOG"
 
 # 2. build the C++/CUDA extension for this card only
 if [ -f benchmarks/device_native.sh ]; then
-    step build 240 bash benchmarks/device_native.sh build
+    step build "${LIMIT_BUILD:-240}" bash benchmarks/device_native.sh build
 fi
 
 # 3. GPU tests: every backend against cuDNN (in parallel workers where pytest-xdist is there:
 # the time goes into compiling and autotuning kernels, which is CPU work)
 PARALLEL=()
 $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-step gpu-tests 300 $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
+step gpu-tests "${LIMIT_TESTS:-300}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
     --junitxml="$OUT/gpu-tests.xml" tests
 
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
 # torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
 # the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode.
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
-step bench-layers 200 $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
+step bench-layers "${LIMIT_LAYERS:-200}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode default --time-limit 120 \
     --out "$OUT/layers.json"
-step bench-model 240 $PY -m vgg_kernels.bench model "${BENCH[@]}" \
+step bench-model "${LIMIT_MODEL:-240}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
     --time-limit 90 --out "$OUT/model.json"
 if [ $QUICK -eq 0 ]; then

@@ -127,3 +127,25 @@ def test_offsets_past_2_31_elements():
     assert_within_rule(y[-1:], cudnn, oracle, torch.bfloat16)
     first = ops.conv_bn_relu_infer(big[:1], weight, scale, shift, pool=True, backend="triton")
     assert torch.equal(y[:1], first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_vgg16_eval_matches_eager_cudnn(dtype):
+    """The whole eval-mode model on the Triton backend against the eager model on cuDNN."""
+    from vgg_kernels import FusedVGG, make_eager_vgg
+
+    fused = FusedVGG("D", backend="triton")
+    for module in fused.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    eager = make_eager_vgg("D", init_weights=False)
+    eager.load_state_dict(fused.state_dict(), strict=True)
+    fused = fused.eval().to("cuda", dtype)
+    oracle_model = eager.eval().to("cuda", torch.float64)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        oracle = oracle_model(x.to(dtype).double())
+        cudnn = eager.to(dtype, memory_format=torch.channels_last)(x.to(dtype))
+        got = fused(x.to(dtype))
+    assert_within_rule(got, cudnn, oracle, dtype)
