@@ -62,11 +62,11 @@ step gpu-tests "${LIMIT_TESTS:-300}" $PY -m pytest -m gpu -q -rs -p no:cacheprov
 # the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode.
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 step bench-layers "${LIMIT_LAYERS:-200}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
-    --backends triton,native,eager,compile --compile-mode default --time-limit 120 \
+    --backends triton,native,eager,compile --compile-mode default --time-limit $(( ${LIMIT_LAYERS:-200} - 60 )) \
     --out "$OUT/layers.json"
 step bench-model "${LIMIT_MODEL:-240}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
-    --time-limit 90 --out "$OUT/model.json"
+    --time-limit $(( ${LIMIT_MODEL:-240} - 90 )) --out "$OUT/model.json"
 if [ $QUICK -eq 0 ]; then
     step tune-triton 240 $PY benchmarks/tune_triton.py --out "$OUT/tune_triton.json"
 fi
