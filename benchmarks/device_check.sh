@@ -83,6 +83,7 @@ print("\nstep            exit  seconds")
 for s in summary["steps"]:
     print(f"{s['name']:<15} {s['exit']:>4}  {s['seconds']:>7}")
 EOF
+grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
 for suite in layers model; do
     [ -f "$OUT/$suite.json" ] && $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
