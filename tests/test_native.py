@@ -477,7 +477,14 @@ def test_cuda_training_matches_cudnn(layer, dtype, native_cuda, monkeypatch):
     """Forward (conv_bn_stats + bn_relu_pool), backward (bn_relu_backward, then cuDNN dgrad and
     wgrad) and the running statistics, against cuDNN's conv + batch_norm + relu + max_pool2d.
     fp32 runs without tf32 (test_cuda_conv_bn_stats_tf32 covers that path), so both sides are
-    full fp32 throughout."""
+    full fp32 throughout.
+
+    In fp32 the gradients are left to test_cuda_bn_relu_backward_matches_oracle: end to end, a
+    pre-activation within rounding of 0 (or two near-equal values in a pooling window) takes the
+    other side of the ReLU mask (or the other argmax) in any fp32 forward, and one such element
+    moves an O(1) gradient. Seen on an H200: max error 1e-2 against the float64 oracle with a
+    mean error of 1e-5 on 6 of 10 layers, while cuDNN happened to flip none. In fp16/bf16 the
+    rounding of the gradients themselves dominates and the end-to-end rule is meaningful."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     c, k, h, pool = layer
     dev = torch.device("cuda")
@@ -509,7 +516,30 @@ def test_cuda_training_matches_cudnn(layer, dtype, native_cuda, monkeypatch):
         results[name] = (out_, leaves, st)
     (y_t, leaves_t, stats_t), (y_o, leaves_o, stats_o) = results["torch"], results["oracle"]
     assert_within_rule(y, y_t, y_o, dtype)
-    for key in ("x", "weight", "gamma", "beta"):
-        assert_within_rule(ours[key].grad, leaves_t[key].grad, leaves_o[key].grad, dtype)
     for got, want, ref in zip(stats, stats_t, stats_o, strict=True):
         assert_within_rule(got, want, ref, dtype)
+    if dtype != torch.float32:
+        for key in ("x", "weight", "gamma", "beta"):
+            assert_within_rule(ours[key].grad, leaves_t[key].grad, leaves_o[key].grad, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_bn_relu_backward_matches_oracle(layer, dtype, native_cuda):
+    """The fused BN + ReLU (+ pool) backward on identical inputs against the float64 reference
+    (and PyTorch's own ops in dtype for the error rule), on VGG16's activation shapes."""
+    _, k, h, pool = layer
+    dev = torch.device("cuda")
+    z = torch.randn(GPU_BATCH, k, h, h, device=dev).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    mean, invstd, gamma, beta = _bn_inputs(k, dev)
+    out = h // 2 if pool else h
+    grad_y = torch.randn(GPU_BATCH, k, out, out, device=dev).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    got = native_cuda.bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool)
+    want = bn_relu_backward_reference(grad_y, z, mean, invstd, gamma, beta, pool)
+    oracle = bn_relu_backward_reference(*_f64(grad_y, z, mean, invstd, gamma, beta), pool)
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
+    for g, t, o in zip(got, want, oracle, strict=True):
+        assert_within_rule(g, t, o, dtype)
