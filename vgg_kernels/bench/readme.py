@@ -13,7 +13,7 @@ from typing import Any
 
 from vgg_kernels.bench.environment import REPO_ROOT
 from vgg_kernels.bench.plot import PlotUnavailable, plot_result
-from vgg_kernels.bench.results import ResultFileError, load_result
+from vgg_kernels.bench.results import ResultFileError, load_result, merge_results
 from vgg_kernels.bench.table import format_markdown_table
 
 START = "<!-- bench:start -->"
@@ -47,6 +47,29 @@ def newest_gpu_result(paths: list[Path]) -> tuple[Path, dict[str, Any]] | None:
         if best is None or env.get("date", "") > best[0]:
             best = (env.get("date", ""), path, data)
     return None if best is None else (best[1], best[2])
+
+
+def newest_gpu_run(paths: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest CUDA result merged with the other suites of the same run (same device and
+    commit; one device check writes its layers and model suites to separate files)."""
+    found = newest_gpu_result(paths)
+    if found is None:
+        return None
+    env = found[1]["environment"]
+    parts = [found[1]]
+    for path in paths:
+        if path == found[0]:
+            continue
+        try:
+            data = load_result(path)
+        except ResultFileError:
+            continue
+        other = data.get("environment", {})
+        if (other.get("device_slug"), other.get("git_commit")) == (
+                env.get("device_slug"), env.get("git_commit")) and not any(
+                name in part["suites"] for part in parts for name in data["suites"]):
+            parts.append(data)
+    return found[0], merge_results(parts)
 
 
 def _layers_table(suite: dict[str, Any]) -> str:
@@ -129,7 +152,7 @@ def replace_section(text: str, section: str) -> str:
 def update_readme(readme: Path, results_dir: Path, plots_dir: Path | None,
                   log: Any = print) -> bool:
     """Rewrite the generated section; returns whether the file changed."""
-    found = newest_gpu_result(committed_results(results_dir))
+    found = newest_gpu_run(committed_results(results_dir))
     plots: list[str] = []
     if found is not None and plots_dir is not None:
         try:
