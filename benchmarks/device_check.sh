@@ -71,7 +71,11 @@ if [ $QUICK -eq 0 ]; then
     step tune-triton 240 $PY benchmarks/tune_triton.py --out "$OUT/tune_triton.json"
 fi
 
-# 5. summary
+# 5. summary: one result file with both suites, then the table
+if [ -f "$OUT/layers.json" ] && [ -f "$OUT/model.json" ]; then
+    $PY -m vgg_kernels.bench merge "$OUT/results.json" "$OUT/layers.json" "$OUT/model.json" \
+        >>"$LOG" 2>&1
+fi
 $PY - "$OUT" "${STEPS[@]}" <<'EOF'
 import json, os, sys
 out, steps = sys.argv[1], [s.split() for s in sys.argv[2:]]
