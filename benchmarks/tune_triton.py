@@ -28,15 +28,11 @@ from vgg_kernels.backends.triton.conv_bn_relu import (
     _autotune_configs,
     conv_bn_relu_infer_with_config,
 )
+from vgg_kernels.bench.layers import layer_specs
 
 # (C, K, H, pool) of VGG16's conv blocks at 224x224.
-VGG16_LAYERS = [
-    (3, 64, 224, False), (64, 64, 224, True),
-    (64, 128, 112, False), (128, 128, 112, True),
-    (128, 256, 56, False), (256, 256, 56, False), (256, 256, 56, True),
-    (256, 512, 28, False), (512, 512, 28, False), (512, 512, 28, True),
-    (512, 512, 14, False), (512, 512, 14, False), (512, 512, 14, True),
-]
+VGG16_LAYERS = [(spec.in_channels, spec.out_channels, spec.height, spec.pool)
+                for spec in layer_specs("D", 224)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import assert_within_rule
 
 from vgg_kernels import ops
+from vgg_kernels.bench.layers import layer_specs
 
 triton = pytest.importorskip("triton")
 from vgg_kernels.backends.triton import conv_bn_relu  # noqa: E402
@@ -16,13 +17,8 @@ from vgg_kernels.backends.triton import conv_bn_relu  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 # (C, K, H, pool) of VGG16's 13 conv blocks at 224x224 (pool = a 2x2 max-pool follows).
-VGG16_LAYERS = [
-    (3, 64, 224, False), (64, 64, 224, True),
-    (64, 128, 112, False), (128, 128, 112, True),
-    (128, 256, 56, False), (256, 256, 56, False), (256, 256, 56, True),
-    (256, 512, 28, False), (512, 512, 28, False), (512, 512, 28, True),
-    (512, 512, 14, False), (512, 512, 14, False), (512, 512, 14, True),
-]
+VGG16_LAYERS = [(spec.in_channels, spec.out_channels, spec.height, spec.pool)
+                for spec in layer_specs("D", 224)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
