@@ -27,6 +27,24 @@ TOLERANCES: dict[torch.dtype, float] = {  # the small atol, relative to max |ora
 MODEL_RTOL = 1e-5  # FusedVGG vs torchvision in fp32 on the CPU (max error / max magnitude)
 
 
+# (N, C, K, H, W, R, pool) for every backend's oracle tests: C, K, H, W off every block size
+# (Triton's blocks, the AVX-512 panel of 64 channels, the Winograd tile 2x2, the register tile of
+# 6 pixels); batch 1; odd H/W with pooling; C = 3 (Triton's flattened 27-long reduction); 1x1;
+# more than one channel panel with a tail (K = 70, 130); H = 1.
+ODD_SHAPES = [
+    (2, 3, 20, 9, 11, 3, True),
+    (1, 3, 16, 8, 8, 3, False),
+    (2, 19, 33, 7, 6, 3, False),
+    (1, 24, 17, 5, 7, 3, True),
+    (2, 40, 24, 6, 5, 1, False),
+    (1, 21, 18, 7, 9, 1, True),
+    (1, 64, 70, 4, 6, 3, True),
+    (1, 130, 130, 5, 3, 3, False),
+    (3, 32, 8, 1, 9, 3, False),
+]
+ODD_SHAPE_IDS = ["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in ODD_SHAPES]
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, in float64; NaN anywhere gives inf."""
     actual, expected = actual.detach().double(), expected.detach().double()

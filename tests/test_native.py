@@ -10,7 +10,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within_rule, error_report, relative_error
+from conftest import (
+    ODD_SHAPE_IDS,
+    ODD_SHAPES,
+    assert_within_rule,
+    error_report,
+    relative_error,
+)
 
 import vgg_kernels
 from vgg_kernels import FusedConvBNReLU, FusedVGG, ops
@@ -25,21 +31,7 @@ from vgg_kernels.backends.reference import (
 
 CPU = torch.device("cpu")
 
-# (N, C, K, H, W, R, pool): C, K, H, W off every block size (the AVX-512 panel is 64 channels,
-# the Winograd tile 2x2, the register tile 6 pixels); batch 1; odd H/W with pooling; C = 3; 1x1;
-# more than one channel panel with a tail (K = 70, 130).
-SHAPES = [
-    (2, 3, 20, 9, 11, 3, True),
-    (1, 3, 16, 8, 8, 3, False),
-    (2, 19, 33, 7, 6, 3, False),
-    (1, 24, 17, 5, 7, 3, True),
-    (2, 40, 24, 6, 5, 1, False),
-    (1, 21, 18, 7, 9, 1, True),
-    (1, 64, 70, 4, 6, 3, True),
-    (1, 130, 130, 5, 3, 3, False),
-    (3, 32, 8, 1, 9, 3, False),
-]
-SHAPE_IDS = ["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in SHAPES]
+SHAPES, SHAPE_IDS = ODD_SHAPES, ODD_SHAPE_IDS
 
 
 def _native_reason(device: torch.device = CPU, dtype: torch.dtype = torch.float32,

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_within_rule
+from conftest import ODD_SHAPE_IDS, ODD_SHAPES, assert_within_rule
 
 from vgg_kernels import ops
 from vgg_kernels.backends import available_backends
 from vgg_kernels.backends.reference import conv_bn_relu_infer_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# (N, C, K, H, W, R, pool): C, K, H, W off every block size; batch 1; odd H/W with pooling;
-# C = 3 (flattened 27-long reduction); 1x1.
-SHAPES = [
-    (2, 3, 20, 9, 11, 3, True),
-    (1, 3, 16, 8, 8, 3, False),
-    (2, 19, 33, 7, 6, 3, False),
-    (1, 24, 17, 5, 7, 3, True),
-    (2, 40, 24, 6, 5, 1, False),
-    (1, 21, 18, 7, 9, 1, True),
-    (1, 64, 40, 4, 6, 3, True),
-]
-
 
 def _backends_here(dtype: torch.dtype) -> list[str]:
     reasons = available_backends(torch.device("cpu"), dtype)
@@ -46,7 +33,7 @@ def _inputs(n, c, k, h, w, r, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}C{}K{}H{}W{}R{}pool{}".format(*s))
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=ODD_SHAPE_IDS)
 def test_infer_matches_oracle(shape, dtype, poison_outputs):
     n, c, k, h, w, r, pool = shape
     backends = _backends_here(dtype)
