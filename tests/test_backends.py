@@ -106,3 +106,8 @@ def test_model_runs_with_fallback_and_warns_once(monkeypatch):
             model(torch.randn(1, 3, 32, 32))
             model(torch.randn(1, 3, 32, 32))
     assert len(_fallbacks(record)) == 1
+
+
+def test_unknown_op_is_an_error():
+    with pytest.raises(ValueError, match="op must be one of"):
+        registry.resolve_backend("auto", torch.device("cpu"), torch.float32, "conv_relu")

@@ -86,6 +86,8 @@ def _candidates(asked: str, device_type: str) -> list[str]:
 
 def _resolve(asked: str, device_type: str, device_index: int, dtype_name: str, op: str) -> str:
     """Name of the backend that runs ``op``; warns once per fallback. Pure in its arguments."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS} (got {op!r})")
     _load_builtin_backends()
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(
         device_type
