@@ -250,14 +250,13 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``nn.BatchNorm2d`` does with ``track_running_stats=False``); otherwise BN is folded into a
     scale and shift and the inference kernel runs. ``batch_norm=False`` gives conv + ReLU.
     """
-    k = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 4 else 0
     if batch_norm and (training or running_mean is None or running_var is None):
         return conv_bn_relu_train(x, weight, bias, bn_weight, bn_bias, running_mean,
                                   running_var, momentum=momentum, eps=eps, pool=pool,
                                   backend=backend)
     if not batch_norm:
         running_mean = running_var = bn_weight = bn_bias = None
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     check_conv_inputs(x, weight, pool)
-    scale, shift = fold_bn(bias, running_mean, running_var, bn_weight, bn_bias, eps, k, device)
+    scale, shift = fold_bn(bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                           weight.shape[0], x.device)
     return conv_bn_relu_infer(x, weight, scale, shift, pool=pool, backend=backend)
