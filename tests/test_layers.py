@@ -121,3 +121,24 @@ def test_eval_fold_is_cached_and_refreshed_after_updates():
     assert second[0] is not first[0]
     expected = block.bn.bias - block.bn.running_mean * second[0] + block.conv.bias * second[0]
     torch.testing.assert_close(second[1], expected.detach())
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "no_bn"])
+def test_functional_conv_bn_relu_matches_modules(mode):
+    from vgg_kernels import ops
+
+    fused, eager = _pair(4, 6, 3, True, {}, batch_norm=mode != "no_bn")
+    if mode == "eval":
+        fused.bn.running_var.uniform_(0.5, 1.5)
+        eager[1].running_var.copy_(fused.bn.running_var)
+        eager.eval()
+    x = torch.randn(2, 4, 9, 7)
+    bn = fused.bn
+    got = ops.conv_bn_relu(
+        x, fused.conv.weight, fused.conv.bias, *(
+            (bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None
+            else (None, None, None, None)),
+        batch_norm=bn is not None, training=mode == "train", pool=True, backend="reference")
+    _close(got, eager(x), mode)
+    if mode == "train":
+        _close(bn.running_mean, eager[1].running_mean, "running_mean")
