@@ -27,6 +27,7 @@ from vgg_kernels import ops
 from vgg_kernels.backends.triton.conv_bn_relu import (
     _autotune_configs,
     conv_bn_relu_infer_with_config,
+    last_tuned_config,
 )
 from vgg_kernels.bench.layers import layer_specs
 
@@ -80,6 +81,7 @@ def _measure_layer(c: int, k: int, h: int, pool: bool, n: int, dtype: torch.dtyp
         ops.conv_bn_relu_infer(x, weight, scale, shift, pool=pool, backend="triton")
         torch.cuda.synchronize()
         row["autotune_s"] = time.perf_counter() - began
+        row["tuned_config"] = last_tuned_config()
         row["triton"] = _time(lambda: ops.conv_bn_relu_infer(x, weight, scale, shift,
                                                               pool=pool, backend="triton"))
         row["configs"] = []
@@ -88,7 +90,8 @@ def _measure_layer(c: int, k: int, h: int, pool: bool, n: int, dtype: torch.dtyp
             try:
                 timing = _time(functools.partial(conv_bn_relu_infer_with_config, x, weight,
                                                  scale, shift, pool, **kwargs))
-            except Exception as error:  # out of resources for this shape
+            except Exception as error:  # out of resources, or a descriptor config this
+                # shape cannot use (ValueError)
                 timing = {"error": f"{type(error).__name__}: {error}"[:200]}
             row["configs"].append({"config": kwargs, **timing})
     return row
@@ -115,7 +118,8 @@ def main() -> None:
               f" ms  triton {row['triton']['median_ms']:.3f} ms ({tflops:.0f} TFLOP/s, "
               f"{100 * tflops / peak:.0f}% of peak, "
               f"{row['cudnn_eager']['median_ms'] / row['triton']['median_ms']:.2f}x)  "
-              f"best pinned {best['median_ms']:.3f} ms {best['config']}", flush=True)
+              f"best pinned {best['median_ms']:.3f} ms {best['config']}; tuned "
+              f"{row['tuned_config']}", flush=True)
     speedups = [r["cudnn_eager"]["median_ms"] / r["triton"]["median_ms"] for r in rows]
     geomean = float(torch.tensor(speedups).log().mean().exp())
     print(f"matmul peak {peak:.0f} TFLOP/s; geometric-mean speedup over cuDNN eager "

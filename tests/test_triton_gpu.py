@@ -93,15 +93,22 @@ def _configs():
     return _autotune_configs()
 
 
-@pytest.mark.parametrize("config_index", range(len(conv_bn_relu._CONFIG_SHAPES)))
+@pytest.mark.parametrize("config_index", range(len(conv_bn_relu._CONFIG_SHAPES)
+                                                + len(conv_bn_relu._TMA_CONFIG_SHAPES)))
 @pytest.mark.parametrize("case", [(64, 96, 30, 3, True), (3, 64, 40, 3, False),
                                   (128, 64, 20, 1, False)],
                          ids=lambda s: "C{}K{}H{}R{}pool{}".format(*s))
 def test_every_autotune_config_is_correct(case, config_index):
-    """The autotuner may pick any config, so each one must be right (bf16, odd sizes)."""
+    """The autotuner may pick any config, so each one must be right (bf16, odd sizes).
+    Descriptor (TMA) configs run where the shape and the GPU allow them."""
     configs = _configs()
     config = configs[config_index]
     c, k, h, r, pool = case
+    if config.kwargs["USE_TMA"]:
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("tensor descriptors need Hopper or newer")
+        if c <= conv_bn_relu.FLAT_REDUCTION_MAX_CHANNELS and r > 1:
+            pytest.skip("the flattened C=3 reduction has no descriptor path")
     _check(2, c, k, h, h + 3, r, pool, torch.bfloat16, **config.all_kwargs())
 
 

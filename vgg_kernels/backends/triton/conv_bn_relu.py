@@ -19,30 +19,50 @@ from vgg_kernels.backends.triton import interpreting
 FLAT_REDUCTION_MAX_CHANNELS = 16
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most preferred first; _prune_configs keeps
-# at most 8 per shape. Measured on an H200 (bf16, batch 64, VGG16 blocks, 4-warp configs only):
-# 128x128x32 beat 128x128x64 on every block with C >= 128 (0.58 vs 0.63 ms at C=K=512, H=28),
-# and K=64 blocks want BLOCK_N=64 (128x64x32: 0.93 ms vs 1.62 ms for 128x128x32 at C=K=64).
-# 8-warp tiles (two warpgroups issuing wgmma) are listed first for the wide layers; every config
-# is checked against cuDNN on the GPU (tests/test_triton_gpu.py), since Inductor's conv template
-# once saw wrong results with num_warps >= 8 on 3x3 convolutions.
+# Pointer-gather configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most preferred first.
+# Measured on an H200 (bf16, batch 64, VGG16 blocks, 4-warp configs only): 128x128x32 beat
+# 128x128x64 on every block with C >= 128 (0.58 vs 0.63 ms at C=K=512, H=28), and K=64 blocks
+# want BLOCK_N=64 (128x64x32: 0.93 ms vs 1.62 ms for 128x128x32 at C=K=64). 8-warp tiles (two
+# warpgroups issuing wgmma) are listed first for the wide layers; every config is checked against
+# cuDNN on the GPU (tests/test_triton_gpu.py), since Inductor's conv template once saw wrong
+# results with num_warps >= 8 on 3x3 convolutions.
 _CONFIG_SHAPES = [
     (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 32, 8, 4),
     (128, 128, 32, 4, 4), (128, 128, 32, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4),
     (256, 64, 64, 8, 3), (256, 64, 32, 8, 4), (128, 64, 32, 4, 4), (128, 64, 64, 4, 4),
     (64, 64, 32, 4, 4),
 ]
+# Tensor-descriptor (TMA) configs for Hopper and newer: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K,
+# num_warps, num_stages); the M tile is a BLOCK_H x BLOCK_W block of one image, so a tile that
+# overhangs the image computes wasted rows: _prune_configs prefers the tiles that cover the image
+# best (4x32 covers 28x28 images at 87.5%, 8x16 and 16x16 at 77%).
+_TMA_CONFIG_SHAPES = [
+    (8, 16, 256, 64, 8, 3), (16, 16, 128, 64, 8, 4), (4, 32, 256, 64, 8, 3),
+    (8, 32, 128, 64, 8, 4), (8, 16, 128, 64, 4, 4), (4, 32, 128, 64, 4, 4),
+    (16, 16, 64, 64, 8, 4), (8, 16, 64, 64, 4, 4), (4, 32, 64, 64, 4, 4),
+]
 MAX_CONFIGS_PER_SHAPE = 8
+MAX_TMA_CONFIGS_PER_SHAPE = 4
+# Widest descriptor row in bytes: one 128-byte swizzled shared-memory row per load.
+_TMA_MAX_ROW_BYTES = 128
 
 
 def _autotune_configs() -> list[triton.Config]:
     """Every candidate config; ``_prune_configs`` picks at most 8 of them per shape."""
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                      num_stages=s if hopper else min(s, 3))
+    configs = [
+        triton.Config({"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1,
+                       "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                      num_warps=w, num_stages=s if hopper else min(s, 3))
         for m, n, k, w, s in _CONFIG_SHAPES
     ]
+    configs += [
+        triton.Config({"USE_TMA": True, "BLOCK_H": bh, "BLOCK_W": bw,
+                       "BLOCK_M": bh * bw, "BLOCK_N": n, "BLOCK_K": k},
+                      num_warps=w, num_stages=s)
+        for bh, bw, n, k, w, s in _TMA_CONFIG_SHAPES
+    ]
+    return configs
 
 
 def _shared_memory_limit() -> int:
@@ -52,18 +72,26 @@ def _shared_memory_limit() -> int:
     return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
 
 
+def _tile_coverage(h: int, w: int, block_h: int, block_w: int) -> float:
+    """Fraction of a spatial tile grid's rows that are image pixels."""
+    return h * w / (triton.cdiv(h, block_h) * block_h * triton.cdiv(w, block_w) * block_w)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep configs whose tiles fit the shape and the shared memory, at most 8.
+    """Keep configs whose tiles fit the shape and the shared memory: at most 8, of which at
+    most 4 use tensor descriptors (only where TMA_OK).
 
     BLOCK_K at most the (padded) reduction; BLOCK_N at most K rounded up (no half-empty tiles)
     and, for K >= 256, at least 128 (narrow tiles re-read the input tile once per column block).
+    Descriptor tiles: BLOCK_K divides C (a weight tile stays inside one tap), BLOCK_H and BLOCK_W
+    at most the (padded) image, one swizzled row per load.
     """
     args = {**named_args, **kwargs}
     reduction = args["C"] * (args["R"] ** 2 if args["FLAT_K"] else 1)
     k = triton.next_power_of_2(args["K"])
     element = args["x_ptr"].element_size()
     limit = _shared_memory_limit()
-    kept = []
+    pointer, tma = [], []
     for config in configs:
         bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         if bk > max(32, triton.next_power_of_2(reduction)) or bn > max(64, k):
@@ -72,42 +100,48 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if config.num_stages * (bm * bk + bk * bn) * element > limit:
             continue
-        kept.append(config)
-    return kept[:MAX_CONFIGS_PER_SHAPE] or configs[-1:]
+        if not config.kwargs["USE_TMA"]:
+            pointer.append(config)
+            continue
+        if not args.get("TMA_OK", False) or bk * element > _TMA_MAX_ROW_BYTES or args["C"] % bk:
+            continue
+        if (config.kwargs["BLOCK_H"] > max(8, triton.next_power_of_2(args["H"]))
+                or config.kwargs["BLOCK_W"] > max(8, triton.next_power_of_2(args["W"]))):
+            continue
+        tma.append(config)
+    # best image coverage first; the list order breaks ties
+    tma.sort(key=lambda config: -_tile_coverage(args["H"], args["W"], config.kwargs["BLOCK_H"],
+                                                config.kwargs["BLOCK_W"]))
+    tma = tma[:MAX_TMA_CONFIGS_PER_SHAPE]
+    kept = pointer[:MAX_CONFIGS_PER_SHAPE - len(tma)] + tma
+    return kept or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
 
 
 @triton.jit
-def conv_bn_relu_fwd_kernel(
-    # pointers
+def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
+    """Folded BN (per output channel scale and shift) and ReLU on an fp32 tile."""
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    return tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+
+
+@triton.jit
+def _pointer_tile(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
-    # sizes
     C, H, W, K, HO, WO, M_TOTAL,
-    # strides (elements)
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_yn, stride_yc, stride_yh, stride_yw,
-    # meta-parameters
+    pid_m, pid_n,
     R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M rows x BLOCK_N output channels) tile of
-    ``y = maxpool2x2?(relu(conv(x, w) * scale + shift))``.
-
-    x: (N, C, H, W) by strides (channels_last: stride_xc == 1); w: (K, C, R, R) by strides
-    (channels_last: stride_wc == 1); scale, shift: fp32 (K,); y: (N, K, HO, WO) by strides.
-    Rows are output pixels; with POOL, ``BLOCK_M // 4`` pooled pixels, each row group
-    ``p = row // (BLOCK_M // 4)`` holding window position (p // 2, p % 2). M_TOTAL counts
-    output (pooled) pixels. Padding is R // 2 on every side.
-    """
+    """Tile ``pid_m`` of BLOCK_M rows (output pixels in N, H, W order; with POOL, BLOCK_M // 4
+    pooled pixels, row group ``p = row // (BLOCK_M // 4)`` holding window position
+    (p // 2, p % 2)) by BLOCK_N output channels, loaded through masked pointer gathers."""
     PAD: tl.constexpr = R // 2
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
-    num_n = tl.cdiv(K, BLOCK_N)
-    pid = tl.program_id(0)
-    # Programs that share an M tile run next to each other: the input tile is read from L2.
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-
     rows = tl.arange(0, BLOCK_M)
     if POOL:
         out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows % ROWS_OUT
@@ -177,9 +211,7 @@ def conv_bn_relu_fwd_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-    acc = tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+    acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
     if POOL:
         # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
         acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
@@ -199,6 +231,125 @@ def conv_bn_relu_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=pixel_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _tma_tile(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    N, C, H, W, K, HO, WO,
+    stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
+    pid_m, pid_n,
+    R: tl.constexpr, POOL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile ``pid_m`` = (image, BLOCK_H x BLOCK_W block of conv output positions) by BLOCK_N
+    output channels, loaded through tensor descriptors (TMA on Hopper and newer).
+
+    Each (tap, channel block) step loads the input window shifted by the tap: the descriptor's
+    out-of-bounds zero fill is the convolution's zero padding (negative coordinates included), so
+    the loop has no index arithmetic and no masks. BLOCK_K divides C, so a weight tile never
+    crosses into the next tap; weight rows past K load as zeros. The store clips the tile at the
+    output's edges, which also gives MaxPool2d's floor for odd H and W.
+    """
+    PAD: tl.constexpr = R // 2
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    # x: (N, H, W, C), w: (K, R*R*C), y: (N, HO, WO, K), all with unit channel stride
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
+                                       strides=[stride_xn, stride_xh, stride_xw, 1],
+                                       block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, R * R * C], strides=[R * R * C, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    if POOL:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
+                                           strides=[stride_yn, stride_yh, stride_yw, 1],
+                                           block_shape=[1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N])
+    else:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
+                                           strides=[stride_yn, stride_yh, stride_yw, 1],
+                                           block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_N])
+    rows_conv = 2 * HO if POOL else H  # conv output rows (columns) the output needs
+    tiles_w = tl.cdiv(2 * WO if POOL else W, BLOCK_W)
+    tiles_per_image = tl.cdiv(rows_conv, BLOCK_H) * tiles_w
+    image = pid_m // tiles_per_image
+    tile = pid_m % tiles_per_image
+    h0 = (tile // tiles_w) * BLOCK_H
+    w0 = (tile % tiles_w) * BLOCK_W
+    n0 = pid_n * BLOCK_N
+
+    # The product is computed transposed, (channels x pixels) = w @ x^T, so that both operands
+    # feed the tensor cores straight from the descriptors' shared-memory tiles.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    num_c = tl.cdiv(C, BLOCK_K)
+    for t in range(0, R * R * num_c):
+        tap = t // num_c
+        c0 = (t % num_c) * BLOCK_K
+        a = x_desc.load([image, h0 + tap // R - PAD, w0 + tap % R - PAD, c0])
+        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        b = w_desc.load([n0, tap * C + c0])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(b, tl.trans(a), acc, input_precision=INPUT_PRECISION)
+
+    acc = tl.trans(acc)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, cols < K)
+    if POOL:
+        # rows are (h, w) in the tile, row-major: max over the 2x2 windows
+        acc = tl.reshape(acc, (BLOCK_H // 2, 2, BLOCK_W // 2, 2, BLOCK_N))
+        acc = tl.max(tl.max(acc, axis=3), axis=1)
+        out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N))
+        y_desc.store([image, h0 // 2, w0 // 2, n0], out)
+    else:
+        out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H, BLOCK_W, BLOCK_N))
+        y_desc.store([image, h0, w0, n0], out)
+
+
+@triton.jit
+def conv_bn_relu_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    # sizes
+    N, C, H, W, K, HO, WO, M_TOTAL,
+    # strides (elements)
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    # meta-parameters
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M rows x BLOCK_N output channels) tile of
+    ``y = maxpool2x2?(relu(conv(x, w) * scale + shift))``.
+
+    x: (N, C, H, W) by strides (channels_last: stride_xc == 1); w: (K, C, R, R) by strides
+    (channels_last: stride_wc == 1); scale, shift: fp32 (K,); y: (N, K, HO, WO) by strides.
+    M_TOTAL counts output (pooled) pixels. Padding is R // 2 on every side.
+    USE_TMA (only with TMA_OK: channels_last x, w and y with 16-byte aligned strides) loads
+    BLOCK_H x BLOCK_W spatial tiles through tensor descriptors; otherwise rows are gathered
+    through masked pointers.
+    """
+    num_n = tl.cdiv(K, BLOCK_N)
+    pid = tl.program_id(0)
+    # Programs that share an M tile run next to each other: the input tile is read from L2.
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    if USE_TMA:
+        tl.static_assert(TMA_OK, "USE_TMA needs TMA_OK")
+        tl.static_assert(BLOCK_M == BLOCK_H * BLOCK_W, "BLOCK_M must be BLOCK_H * BLOCK_W")
+        _tma_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, N, C, H, W, K, HO, WO,
+                  stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
+                  pid_m, pid_n, R, POOL, INPUT_PRECISION, UPCAST,
+                  BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K)
+    else:
+        _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
+                      stride_xn, stride_xc, stride_xh, stride_xw,
+                      stride_wk, stride_wc, stride_wr, stride_ws,
+                      stride_yn, stride_yc, stride_yh, stride_yw,
+                      pid_m, pid_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION, UPCAST,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+
+
 _autotuned_kernel = None
 
 
@@ -213,15 +364,23 @@ def _kernel_for_launch():
             options["cache_results"] = True  # keep the tuned choice across processes
         _autotuned_kernel = triton.autotune(
             configs=_autotune_configs(),
-            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL"],
+            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK"],
             prune_configs_by={"early_config_prune": _prune_configs},
             **options,
         )(conv_bn_relu_fwd_kernel)
     return _autotuned_kernel
 
 
+def last_tuned_config() -> dict | None:
+    """The config the autotuner chose for the most recent launch (None before any)."""
+    config = getattr(_autotuned_kernel, "best_config", None)
+    return None if config is None else config.all_kwargs()
+
+
 # Interpreter blocks: small, so that odd test shapes cross every block boundary.
-INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+INTERPRETER_BLOCKS = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1,
+                      "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+_TMA_ALIGNMENT = 16  # bytes: descriptor base address and strides
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -233,9 +392,77 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _strides(tensor: torch.Tensor) -> tuple[int, int, int, int]:
+    """(N, C, H, W) strides, with those of size-1 dimensions (never stepped, and left arbitrary
+    by ``contiguous``) replaced by the dense channels_last ones."""
+    _, c, h, w = tensor.shape
+    dense = (h * w * c, 1, w * c, c)
+    return tuple(s if size > 1 else d for s, size, d in
+                 zip(tensor.stride(), tensor.shape, dense, strict=True))
+
+
+def _tma_ok(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, flat: bool) -> bool:
+    """Whether the tensor-descriptor path can run: fp16/bf16 on Hopper or newer (or the
+    interpreter), a Triton with ``tl.make_tensor_descriptor``, unit channel strides and 16-byte
+    aligned strides and offsets (channels_last with C and K multiples of 8). Decided from sizes and
+    strides only, so it is the same while torch.compile traces the op."""
+    if flat or x.element_size() != 2 or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not interpreting():
+        return False
+    _, c, r, _ = weight.shape
+    if _strides(weight) != (r * r * c, 1, r * c, c):
+        return False
+    element = x.element_size()
+    for tensor in (x, weight, y):
+        strides = _strides(tensor)
+        if strides[1] != 1 or any(strides[d] * element % _TMA_ALIGNMENT for d in (0, 2, 3)):
+            return False
+        if tensor.storage_offset() * element % _TMA_ALIGNMENT:
+            return False
+    return True
+
+
+def _torch_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors live in a global-memory scratch that Triton allocates
+    through ``triton.set_allocator``; install a torch allocator unless one is set."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return
+    current = getattr(_allocation, "_allocator", None)
+    if current is not None and isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_allocator)
+
+
+def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
+    if not config.get("USE_TMA", False):
+        return
+    if not tma_ok:
+        raise ValueError("config USE_TMA=True needs fp16/bf16 on Hopper or newer, channels_last "
+                         "tensors, C and K multiples of 8, and C > 16 for 3x3 kernels")
+    if c % config["BLOCK_K"]:
+        raise ValueError(f"config USE_TMA=True needs BLOCK_K to divide C (got BLOCK_K="
+                         f"{config['BLOCK_K']}, C={c})")
+    bh, bw = config["BLOCK_H"], config["BLOCK_W"]
+    if config["BLOCK_M"] != bh * bw:
+        raise ValueError(f"config BLOCK_M must be BLOCK_H * BLOCK_W (got {config['BLOCK_M']}, "
+                         f"{bh} x {bw})")
+    if pool and (bh % 2 or bw % 2):
+        raise ValueError(f"config BLOCK_H and BLOCK_W must be even with pool (got {bh}, {bw})")
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             pool: bool, y: torch.Tensor, launcher, config: dict | None = None) -> None:
-    """Launch over all of y; ``config`` (BLOCK_*, num_warps, num_stages) bypasses autotuning."""
+    """Launch over all of y; ``config`` (USE_TMA, BLOCK_*, num_warps, num_stages) bypasses
+    autotuning."""
     n, c, h, w = x.shape
     k, r = weight.shape[0], weight.shape[-1]
     ho, wo = y.shape[2], y.shape[3]
@@ -245,29 +472,38 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
                          f"{c * h * w}, K*H*W = {k * h * w})")
     flat = c <= FLAT_REDUCTION_MAX_CHANNELS and r > 1
     interp = interpreting()
+    tma_ok = _tma_ok(x, weight, y, flat)
     meta = dict(
         R=r, POOL=pool, FLAT_K=flat, EVEN_C=False,
         INPUT_PRECISION=_input_precision(x.dtype),
-        UPCAST=interp and x.dtype == torch.bfloat16,
+        UPCAST=interp and x.dtype == torch.bfloat16, TMA_OK=tma_ok,
     )
     kernel = _kernel_for_launch()
     if interp or config is not None:
         kernel = conv_bn_relu_fwd_kernel
-        blocks = dict(INTERPRETER_BLOCKS if config is None else config)
+        blocks = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1,
+                  **(INTERPRETER_BLOCKS if config is None else config)}
+        _check_config(blocks, tma_ok, pool, c)
         meta["EVEN_C"] = c % blocks["BLOCK_K"] == 0
         meta.update(blocks)
     else:
         # every tuned BLOCK_K divides 64: a multiple of 64 channels needs no channel mask
         meta["EVEN_C"] = c % 64 == 0
+    if tma_ok and x.is_cuda:
+        _ensure_allocator()
 
     def grid(meta_):
-        rows_out = meta_["BLOCK_M"] // 4 if pool else meta_["BLOCK_M"]
-        return (triton.cdiv(m_total, rows_out) * triton.cdiv(k, meta_["BLOCK_N"]),)
+        if meta_["USE_TMA"]:
+            rows, cols = (2 * ho, 2 * wo) if pool else (h, w)
+            m_tiles = n * triton.cdiv(rows, meta_["BLOCK_H"]) * triton.cdiv(cols, meta_["BLOCK_W"])
+        else:
+            m_tiles = triton.cdiv(m_total, meta_["BLOCK_M"] // 4 if pool else meta_["BLOCK_M"])
+        return (m_tiles * triton.cdiv(k, meta_["BLOCK_N"]),)
 
     launcher(kernel)[grid](
         x, weight, scale, shift, y,
-        c, h, w, k, ho, wo, m_total,
-        *x.stride(), *weight.stride(), *y.stride(),
+        n, c, h, w, k, ho, wo, m_total,
+        *_strides(x), *_strides(weight), *_strides(y),
         **meta,
     )
 

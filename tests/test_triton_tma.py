@@ -1,0 +1,140 @@
+"""The Triton kernel's tensor-descriptor (TMA) path: spatial tiles whose zero padding comes from
+the descriptors' out-of-bounds fill. On the CPU it runs in the interpreter (small tiles, so odd
+shapes cross every tile edge); on a GPU the same tests run compiled, on Hopper or newer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_within_rule
+
+pytest.importorskip("triton")
+from vgg_kernels.backends.reference import conv_bn_relu_infer_reference  # noqa: E402
+from vgg_kernels.backends.triton import conv_bn_relu, interpreting  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# A 4x8 tile (8x8 on a GPU, where wgmma wants 64 rows) by 16 channels, 16-channel reduction steps.
+TILE = dict(USE_TMA=True, BLOCK_H=4, BLOCK_W=8, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+if DEVICE == "cuda":
+    TILE.update(BLOCK_H=8, BLOCK_M=64, num_warps=4, num_stages=3)
+
+# (N, C, K, H, W, R, pool): C a multiple of BLOCK_K, K of 8 (16-byte rows); H and W odd or
+# smaller than a tile, batch 1 and 3, K not a multiple of BLOCK_N.
+TMA_SHAPES = [
+    (2, 32, 40, 7, 9, 3, True),
+    (1, 32, 16, 5, 6, 3, False),
+    (1, 48, 24, 9, 11, 1, False),
+    (3, 32, 24, 6, 10, 3, True),
+    (1, 32, 8, 1, 1, 3, False),
+    (1, 48, 8, 3, 3, 3, True),
+    (2, 64, 72, 17, 5, 3, True),
+    (1, 16 * 3, 8, 2, 19, 1, True),
+]
+TMA_SHAPE_IDS = ["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in TMA_SHAPES]
+
+
+def _skip_without_descriptors():
+    if DEVICE == "cpu" and not interpreting():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper or newer")
+
+
+def _inputs(n, c, k, h, w, r, dtype):
+    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, r, device=DEVICE) / (c * r * r) ** 0.5).to(dtype)
+    scale = torch.rand(k, device=DEVICE) + 0.5
+    shift = torch.randn(k, device=DEVICE) * 0.5
+    return x, weight, scale, shift
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(conv_bn_relu, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=TMA_SHAPE_IDS)
+def test_descriptor_path_matches_oracle(shape, dtype, poison_outputs):
+    _skip_without_descriptors()
+    n, c, k, h, w, r, pool = shape
+    x, weight, scale, shift = _inputs(n, c, k, h, w, r, dtype)
+    y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **TILE)
+    oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
+                                          shift.double(), pool)
+    torch_result = conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_within_rule(y, torch_result, oracle, dtype)
+
+
+def test_descriptor_and_pointer_paths_agree(poison_outputs):
+    """Same tile products in the same order: the two load paths give the same bits."""
+    _skip_without_descriptors()
+    x, weight, scale, shift = _inputs(2, 32, 24, 7, 9, 3, torch.float16)
+    pointer = {**TILE, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1}
+    for pool in (False, True):
+        a = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **TILE)
+        b = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **pointer)
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: _inputs(1, 32, 16, 5, 5, 3, torch.float32), "fp16/bf16"),
+    (lambda: _inputs(1, 40, 16, 5, 5, 3, torch.float16), "BLOCK_K to divide C"),
+    (lambda: _inputs(1, 32, 12, 5, 5, 3, torch.float16), "multiples of 8"),
+    (lambda: _inputs(1, 8, 16, 5, 5, 3, torch.float16), "C > 16"),
+], ids=["fp32", "C-not-multiple-of-BLOCK_K", "K-not-multiple-of-8", "flat-reduction"])
+def test_descriptor_config_rejects_ineligible_input(make, match):
+    _skip_without_descriptors()
+    x, weight, scale, shift = make()
+    with pytest.raises(ValueError, match=match):
+        conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **TILE)
+
+
+def test_descriptor_config_rejects_odd_tile_with_pool():
+    _skip_without_descriptors()
+    x, weight, scale, shift = _inputs(1, 32, 16, 6, 6, 3, torch.float16)
+    tile = {**TILE, "BLOCK_H": 1, "BLOCK_M": TILE["BLOCK_W"]}
+    with pytest.raises(ValueError, match="even with pool"):
+        conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, True, **tile)
+
+
+def _eligible(x, weight, pool=False):
+    x, weight, _, _, y = conv_bn_relu._prepare(x, weight, torch.ones(weight.shape[0]),
+                                               torch.zeros(weight.shape[0]), pool)
+    flat = x.shape[1] <= conv_bn_relu.FLAT_REDUCTION_MAX_CHANNELS and weight.shape[-1] > 1
+    return conv_bn_relu._tma_ok(x, weight, y, flat)
+
+
+def test_eligibility_follows_layout_and_alignment():
+    _skip_without_descriptors()
+    x, weight, _, _ = _inputs(2, 64, 64, 6, 6, 3, torch.bfloat16)
+    assert _eligible(x, weight)
+    assert _eligible(x.contiguous(), weight)  # NCHW input is made channels_last first
+    assert not _eligible(x.float(), weight.float())
+    # a view starting 4 bytes into the storage cannot be a descriptor's base address
+    shifted = torch.empty(2 * 64 * 36 + 2, device=DEVICE, dtype=torch.bfloat16)[2:]
+    shifted = shifted.as_strided(x.shape, (64 * 36, 1, 64 * 6, 64))
+    assert not _eligible(shifted, weight)
+    # 1x1 weights keep arbitrary strides on their size-1 dimensions; still eligible
+    assert _eligible(x, torch.randn(32, 64, 1, 1, device=DEVICE, dtype=torch.bfloat16))
+
+
+def test_pruning_mixes_descriptor_and_pointer_configs():
+    configs = conv_bn_relu._autotune_configs()
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    args = {"x_ptr": bf16, "C": 256, "K": 256, "H": 56, "W": 56}
+    kept = conv_bn_relu._prune_configs(configs, args, R=3, FLAT_K=False, TMA_OK=True)
+    tma = [c for c in kept if c.kwargs["USE_TMA"]]
+    assert len(kept) <= conv_bn_relu.MAX_CONFIGS_PER_SHAPE
+    assert 1 <= len(tma) <= conv_bn_relu.MAX_TMA_CONFIGS_PER_SHAPE < len(kept)
+    for config in tma:
+        assert 256 % config.kwargs["BLOCK_K"] == 0
+        assert config.kwargs["BLOCK_M"] == config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"]
+    assert not any(c.kwargs["USE_TMA"] for c in conv_bn_relu._prune_configs(
+        configs, args, R=3, FLAT_K=False, TMA_OK=False))
+    # 14x14 images: no tile wider or taller than 16
+    small = conv_bn_relu._prune_configs(configs, {**args, "H": 14, "W": 14}, R=3, FLAT_K=False,
+                                        TMA_OK=True)
+    assert all(c.kwargs["BLOCK_H"] <= 16 and c.kwargs["BLOCK_W"] <= 16 for c in small)
