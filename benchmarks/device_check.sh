@@ -68,7 +68,7 @@ step bench-model "${LIMIT_MODEL:-240}" $PY -m vgg_kernels.bench model "${BENCH[@
     --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
     --time-limit $(( ${LIMIT_MODEL:-240} - 90 )) --out "$OUT/model.json"
 if [ $QUICK -eq 0 ]; then
-    step tune-triton 240 $PY benchmarks/tune_triton.py --out "$OUT/tune_triton.json"
+    step tune-triton 240 $PY benchmarks/tune_triton.py --candidates --out "$OUT/tune_triton.json"
 fi
 
 # 5. summary: one result file with both suites, then the table

@@ -1,11 +1,13 @@
 """Sweep the Triton inference kernel's autotune configs over VGG16's conv blocks on a GPU.
 
 For each block (batch 64, 224x224 input, bf16 by default, channels_last) it times every config in
-``_autotune_configs()`` with the config pinned, the autotuned op, and cuDNN eager (Conv2d +
+``_autotune_configs()`` (or, with ``--candidates``, only the at most 8 the autotuner times for
+that block) with the config pinned, the autotuned op and its choice, and cuDNN eager (Conv2d +
 BatchNorm2d + ReLU (+ MaxPool2d) modules), then prints a table and writes JSON. This is the data
 behind the config list; the benchmark suite (python -m vgg_kernels.bench) times the tuned op.
 
     python benchmarks/tune_triton.py --out results.json [--dtype bf16] [--batch 64]
+        [--candidates] [--layers 0,5,9]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from triton.testing import do_bench
 from vgg_kernels import ops
 from vgg_kernels.backends.triton.conv_bn_relu import (
     _autotune_configs,
+    candidate_configs,
     conv_bn_relu_infer_with_config,
     last_tuned_config,
 )
@@ -61,7 +64,8 @@ def _commit() -> str:
 
 
 def _measure_layer(c: int, k: int, h: int, pool: bool, n: int, dtype: torch.dtype,
-                   configs: list[triton.Config]) -> dict:
+                   configs: list[triton.Config] | None) -> dict:
+    """Time one block; ``configs=None`` times the autotuner's candidates for it."""
     x = torch.randn(n, c, h, h, device="cuda", dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     block = [nn.Conv2d(c, k, 3, padding=1), nn.BatchNorm2d(k), nn.ReLU(inplace=True)]
@@ -85,6 +89,8 @@ def _measure_layer(c: int, k: int, h: int, pool: bool, n: int, dtype: torch.dtyp
         row["triton"] = _time(lambda: ops.conv_bn_relu_infer(x, weight, scale, shift,
                                                               pool=pool, backend="triton"))
         row["configs"] = []
+        if configs is None:
+            configs = candidate_configs(x, weight, pool)
         for config in configs:
             kwargs = config.all_kwargs()
             try:
@@ -102,12 +108,18 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--candidates", action="store_true",
+                        help="time only the configs the autotuner considers for each block")
+    parser.add_argument("--layers", default=None,
+                        help="comma-separated block indices (0-12) to time; default all")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     peak = _matmul_peak_tflops(torch.bfloat16 if dtype == torch.float32 else dtype)
-    configs = _autotune_configs()
+    configs = None if args.candidates else _autotune_configs()
+    indices = (range(len(VGG16_LAYERS)) if args.layers is None
+               else [int(i) for i in args.layers.split(",")])
     rows = []
-    for c, k, h, pool in VGG16_LAYERS:
+    for c, k, h, pool in (VGG16_LAYERS[i] for i in indices):
         row = _measure_layer(c, k, h, pool, args.batch, dtype, configs)
         flops = row["flops"]
         rows.append(row)

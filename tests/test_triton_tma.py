@@ -13,8 +13,11 @@ from vgg_kernels.backends.reference import conv_bn_relu_infer_reference  # noqa:
 from vgg_kernels.backends.triton import conv_bn_relu, interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# A 4x8 tile (8x8 on a GPU, where wgmma wants 64 rows) by 16 channels, 16-channel reduction steps.
-TILE = dict(USE_TMA=True, BLOCK_H=4, BLOCK_W=8, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+# A 4x8 tile (8x8 on a GPU, where wgmma wants 64 rows) by 16 channels, 16-channel reduction
+# steps, in a persistent grid (one program per SM; the interpreter plays INTERPRETER_SMS SMs, so
+# each program loops over several tiles).
+TILE = dict(USE_TMA=True, BLOCK_H=4, BLOCK_W=8, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16,
+            PROGRAMS_PER_SM=1)
 if DEVICE == "cuda":
     TILE.update(BLOCK_H=8, BLOCK_M=64, num_warps=4, num_stages=3)
 
@@ -54,13 +57,15 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(conv_bn_relu, "POISON_OUTPUTS", True)
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 0], ids=["persistent", "tile-per-program"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=TMA_SHAPE_IDS)
-def test_descriptor_path_matches_oracle(shape, dtype, poison_outputs):
+def test_descriptor_path_matches_oracle(shape, dtype, programs_per_sm, poison_outputs):
     _skip_without_descriptors()
     n, c, k, h, w, r, pool = shape
     x, weight, scale, shift = _inputs(n, c, k, h, w, r, dtype)
-    y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **TILE)
+    tile = {**TILE, "PROGRAMS_PER_SM": programs_per_sm}
+    y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **tile)
     oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
                                           shift.double(), pool)
     torch_result = conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
@@ -72,7 +77,7 @@ def test_descriptor_and_pointer_paths_agree(poison_outputs):
     """Same tile products in the same order: the two load paths give the same bits."""
     _skip_without_descriptors()
     x, weight, scale, shift = _inputs(2, 32, 24, 7, 9, 3, torch.float16)
-    pointer = {**TILE, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1}
+    pointer = {**TILE, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0}
     for pool in (False, True):
         a = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **TILE)
         b = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **pointer)
@@ -90,6 +95,13 @@ def test_descriptor_config_rejects_ineligible_input(make, match):
     x, weight, scale, shift = make()
     with pytest.raises(ValueError, match=match):
         conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **TILE)
+
+
+def test_persistent_grid_needs_descriptor_path():
+    x, weight, scale, shift = _inputs(1, 32, 16, 6, 6, 3, torch.float16)
+    pointer = {**TILE, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1}
+    with pytest.raises(ValueError, match="PROGRAMS_PER_SM"):
+        conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **pointer)
 
 
 def test_descriptor_config_rejects_odd_tile_with_pool():
@@ -138,3 +150,13 @@ def test_pruning_mixes_descriptor_and_pointer_configs():
     small = conv_bn_relu._prune_configs(configs, {**args, "H": 14, "W": 14}, R=3, FLAT_K=False,
                                         TMA_OK=True)
     assert all(c.kwargs["BLOCK_H"] <= 16 and c.kwargs["BLOCK_W"] <= 16 for c in small)
+
+
+def test_candidate_configs_offer_descriptors_where_eligible():
+    _skip_without_descriptors()
+    x, weight, _, _ = _inputs(2, 64, 64, 28, 28, 3, torch.bfloat16)
+    candidates = conv_bn_relu.candidate_configs(x, weight, pool=True)
+    assert 1 <= len(candidates) <= conv_bn_relu.MAX_CONFIGS_PER_SHAPE
+    assert any(c.kwargs["USE_TMA"] for c in candidates)
+    fp32 = conv_bn_relu.candidate_configs(x.float(), weight.float(), pool=True)
+    assert fp32 and not any(c.kwargs["USE_TMA"] for c in fp32)

@@ -33,13 +33,15 @@ _CONFIG_SHAPES = [
     (64, 64, 32, 4, 4),
 ]
 # Tensor-descriptor (TMA) configs for Hopper and newer: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K,
-# num_warps, num_stages); the M tile is a BLOCK_H x BLOCK_W block of one image, so a tile that
-# overhangs the image computes wasted rows: _prune_configs prefers the tiles that cover the image
-# best (4x32 covers 28x28 images at 87.5%, 8x16 and 16x16 at 77%).
+# num_warps, num_stages, PROGRAMS_PER_SM). The M tile is a BLOCK_H x BLOCK_W block of one image,
+# so a tile that overhangs the image computes wasted rows: _prune_configs prefers the tiles that
+# cover the image best (4x32 covers 28x28 images at 87.5%, 8x16 and 16x16 at 77%). The grid is
+# persistent, PROGRAMS_PER_SM programs per SM (2 where two fit in shared memory, so one's
+# epilogue overlaps the other's main loop), 0 for one program per tile.
 _TMA_CONFIG_SHAPES = [
-    (8, 16, 256, 64, 8, 3), (16, 16, 128, 64, 8, 4), (4, 32, 256, 64, 8, 3),
-    (8, 32, 128, 64, 8, 4), (8, 16, 128, 64, 4, 4), (4, 32, 128, 64, 4, 4),
-    (16, 16, 64, 64, 8, 4), (8, 16, 64, 64, 4, 4), (4, 32, 64, 64, 4, 4),
+    (8, 16, 256, 64, 8, 3, 1), (16, 16, 128, 64, 8, 3, 1), (4, 32, 256, 64, 8, 3, 1),
+    (8, 32, 128, 64, 8, 3, 1), (8, 16, 128, 32, 4, 4, 2), (4, 32, 128, 32, 4, 4, 2),
+    (16, 16, 64, 64, 8, 4, 1), (8, 16, 64, 64, 4, 3, 2), (4, 32, 64, 64, 4, 3, 2),
 ]
 MAX_CONFIGS_PER_SHAPE = 8
 MAX_TMA_CONFIGS_PER_SHAPE = 4
@@ -51,16 +53,16 @@ def _autotune_configs() -> list[triton.Config]:
     """Every candidate config; ``_prune_configs`` picks at most 8 of them per shape."""
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     configs = [
-        triton.Config({"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1,
+        triton.Config({"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0,
                        "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
                       num_warps=w, num_stages=s if hopper else min(s, 3))
         for m, n, k, w, s in _CONFIG_SHAPES
     ]
     configs += [
-        triton.Config({"USE_TMA": True, "BLOCK_H": bh, "BLOCK_W": bw,
+        triton.Config({"USE_TMA": True, "BLOCK_H": bh, "BLOCK_W": bw, "PROGRAMS_PER_SM": p,
                        "BLOCK_M": bh * bw, "BLOCK_N": n, "BLOCK_K": k},
                       num_warps=w, num_stages=s)
-        for bh, bw, n, k, w, s in _TMA_CONFIG_SHAPES
+        for bh, bw, n, k, w, s, p in _TMA_CONFIG_SHAPES
     ]
     return configs
 
@@ -98,7 +100,9 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if k >= 256 and bn < 128:
             continue
-        if config.num_stages * (bm * bk + bk * bn) * element > limit:
+        # the persistent descriptor path keeps its output tile in shared memory as well
+        epilogue = bm * bn * element if config.kwargs["USE_TMA"] else 0
+        if config.num_stages * (bm * bk + bk * bn) * element + epilogue > limit:
             continue
         if not config.kwargs["USE_TMA"]:
             pointer.append(config)
@@ -232,16 +236,17 @@ def _pointer_tile(
 
 
 @triton.jit
-def _tma_tile(
+def _tma_tiles(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
     N, C, H, W, K, HO, WO,
     stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
-    pid_m, pid_n,
     R: tl.constexpr, POOL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Tile ``pid_m`` = (image, BLOCK_H x BLOCK_W block of conv output positions) by BLOCK_N
-    output channels, loaded through tensor descriptors (TMA on Hopper and newer).
+    """Tiles (image, BLOCK_H x BLOCK_W block of conv output positions, BLOCK_N output channels)
+    loaded through tensor descriptors (TMA on Hopper and newer). Program p computes tiles p,
+    p + P, p + 2P, ... for a grid of P programs: one tile each when the grid covers every tile,
+    several in a persistent grid, which builds its descriptors once.
 
     Each (tap, channel block) step loads the input window shifted by the tap: the descriptor's
     out-of-bounds zero fill is the convolution's zero padding (negative coordinates included), so
@@ -268,39 +273,44 @@ def _tma_tile(
     rows_conv = 2 * HO if POOL else H  # conv output rows (columns) the output needs
     tiles_w = tl.cdiv(2 * WO if POOL else W, BLOCK_W)
     tiles_per_image = tl.cdiv(rows_conv, BLOCK_H) * tiles_w
-    image = pid_m // tiles_per_image
-    tile = pid_m % tiles_per_image
-    h0 = (tile // tiles_w) * BLOCK_H
-    w0 = (tile % tiles_w) * BLOCK_W
-    n0 = pid_n * BLOCK_N
-
-    # The product is computed transposed, (channels x pixels) = w @ x^T, so that both operands
-    # feed the tensor cores straight from the descriptors' shared-memory tiles.
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    num_n = tl.cdiv(K, BLOCK_N)
     num_c = tl.cdiv(C, BLOCK_K)
-    for t in range(0, R * R * num_c):
-        tap = t // num_c
-        c0 = (t % num_c) * BLOCK_K
-        a = x_desc.load([image, h0 + tap // R - PAD, w0 + tap % R - PAD, c0])
-        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        b = w_desc.load([n0, tap * C + c0])
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(b, tl.trans(a), acc, input_precision=INPUT_PRECISION)
+    for tile_id in range(tl.program_id(0), N * tiles_per_image * num_n, tl.num_programs(0)):
+        # Tiles that share an input block run next to each other: it is read from L2.
+        pid_m = tile_id // num_n
+        image = pid_m // tiles_per_image
+        tile = pid_m % tiles_per_image
+        h0 = (tile // tiles_w) * BLOCK_H
+        w0 = (tile % tiles_w) * BLOCK_W
+        n0 = (tile_id % num_n) * BLOCK_N
 
-    acc = tl.trans(acc)
-    cols = n0 + tl.arange(0, BLOCK_N)
-    acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, cols < K)
-    if POOL:
-        # rows are (h, w) in the tile, row-major: max over the 2x2 windows
-        acc = tl.reshape(acc, (BLOCK_H // 2, 2, BLOCK_W // 2, 2, BLOCK_N))
-        acc = tl.max(tl.max(acc, axis=3), axis=1)
-        out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N))
-        y_desc.store([image, h0 // 2, w0 // 2, n0], out)
-    else:
-        out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H, BLOCK_W, BLOCK_N))
-        y_desc.store([image, h0, w0, n0], out)
+        # The product is computed transposed, (channels x pixels) = w @ x^T, so that both
+        # operands feed the tensor cores straight from the descriptors' shared-memory tiles.
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for t in range(0, R * R * num_c):
+            tap = t // num_c
+            c0 = (t % num_c) * BLOCK_K
+            a = x_desc.load([image, h0 + tap // R - PAD, w0 + tap % R - PAD, c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            b = w_desc.load([n0, tap * C + c0])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(b, tl.trans(a), acc, input_precision=INPUT_PRECISION)
+
+        acc = tl.trans(acc)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, cols < K)
+        if POOL:
+            # rows are (h, w) in the tile, row-major: max over the 2x2 windows
+            acc = tl.reshape(acc, (BLOCK_H // 2, 2, BLOCK_W // 2, 2, BLOCK_N))
+            acc = tl.max(tl.max(acc, axis=3), axis=1)
+            out = tl.reshape(acc.to(y_ptr.dtype.element_ty),
+                             (1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N))
+            y_desc.store([image, h0 // 2, w0 // 2, n0], out)
+        else:
+            out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H, BLOCK_W, BLOCK_N))
+            y_desc.store([image, h0, w0, n0], out)
 
 
 @triton.jit
@@ -317,6 +327,7 @@ def conv_bn_relu_fwd_kernel(
     R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M rows x BLOCK_N output channels) tile of
@@ -327,26 +338,23 @@ def conv_bn_relu_fwd_kernel(
     M_TOTAL counts output (pooled) pixels. Padding is R // 2 on every side.
     USE_TMA (only with TMA_OK: channels_last x, w and y with 16-byte aligned strides) loads
     BLOCK_H x BLOCK_W spatial tiles through tensor descriptors; otherwise rows are gathered
-    through masked pointers.
+    through masked pointers. PROGRAMS_PER_SM only sizes the grid (see ``_launch``).
     """
-    num_n = tl.cdiv(K, BLOCK_N)
-    pid = tl.program_id(0)
-    # Programs that share an M tile run next to each other: the input tile is read from L2.
-    pid_m = pid // num_n
-    pid_n = pid % num_n
     if USE_TMA:
         tl.static_assert(TMA_OK, "USE_TMA needs TMA_OK")
         tl.static_assert(BLOCK_M == BLOCK_H * BLOCK_W, "BLOCK_M must be BLOCK_H * BLOCK_W")
-        _tma_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, N, C, H, W, K, HO, WO,
-                  stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
-                  pid_m, pid_n, R, POOL, INPUT_PRECISION, UPCAST,
-                  BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K)
+        _tma_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, N, C, H, W, K, HO, WO,
+                   stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
+                   R, POOL, INPUT_PRECISION, UPCAST, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K)
     else:
+        num_n = tl.cdiv(K, BLOCK_N)
+        pid = tl.program_id(0)
+        # Programs that share an M tile run next to each other: the input tile is read from L2.
         _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
                       stride_xn, stride_xc, stride_xh, stride_xw,
                       stride_wk, stride_wc, stride_wr, stride_ws,
                       stride_yn, stride_yc, stride_yh, stride_yw,
-                      pid_m, pid_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION, UPCAST,
+                      pid // num_n, pid % num_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION, UPCAST,
                       BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -378,8 +386,10 @@ def last_tuned_config() -> dict | None:
 
 
 # Interpreter blocks: small, so that odd test shapes cross every block boundary.
-INTERPRETER_BLOCKS = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1,
+INTERPRETER_BLOCKS = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0,
                       "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+# The interpreter's stand-in for the SM count: persistent grids loop over several tiles.
+INTERPRETER_SMS = 2
 _TMA_ALIGNMENT = 16  # bytes: descriptor base address and strides
 
 
@@ -426,6 +436,12 @@ def _tma_ok(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, flat: bool) 
     return True
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _torch_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -444,6 +460,8 @@ def _ensure_allocator() -> None:
 
 def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
     if not config.get("USE_TMA", False):
+        if config.get("PROGRAMS_PER_SM", 0):
+            raise ValueError("config PROGRAMS_PER_SM (a persistent grid) needs USE_TMA=True")
         return
     if not tma_ok:
         raise ValueError("config USE_TMA=True needs fp16/bf16 on Hopper or newer, channels_last "
@@ -481,7 +499,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     kernel = _kernel_for_launch()
     if interp or config is not None:
         kernel = conv_bn_relu_fwd_kernel
-        blocks = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1,
+        blocks = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0,
                   **(INTERPRETER_BLOCKS if config is None else config)}
         _check_config(blocks, tma_ok, pool, c)
         meta["EVEN_C"] = c % blocks["BLOCK_K"] == 0
@@ -492,13 +510,18 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     if tma_ok and x.is_cuda:
         _ensure_allocator()
 
+    sms = _sm_count(x.device)
+
     def grid(meta_):
         if meta_["USE_TMA"]:
             rows, cols = (2 * ho, 2 * wo) if pool else (h, w)
             m_tiles = n * triton.cdiv(rows, meta_["BLOCK_H"]) * triton.cdiv(cols, meta_["BLOCK_W"])
         else:
             m_tiles = triton.cdiv(m_total, meta_["BLOCK_M"] // 4 if pool else meta_["BLOCK_M"])
-        return (m_tiles * triton.cdiv(k, meta_["BLOCK_N"]),)
+        tiles = m_tiles * triton.cdiv(k, meta_["BLOCK_N"])
+        if meta_["PROGRAMS_PER_SM"]:
+            return (max(1, min(tiles, sms * meta_["PROGRAMS_PER_SM"])),)
+        return (tiles,)
 
     launcher(kernel)[grid](
         x, weight, scale, shift, y,
@@ -524,6 +547,18 @@ def _prepare(x, weight, scale, shift, pool):
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
     return x, weight, scale, shift, y
+
+
+def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list[triton.Config]:
+    """The configs (at most 8) the autotuner times for these inputs on this GPU."""
+    k = weight.shape[0]
+    x, weight, _, _, y = _prepare(x, weight, x.new_ones(k, dtype=torch.float32),
+                                  x.new_zeros(k, dtype=torch.float32), pool)
+    _, c, h, w = x.shape
+    flat = c <= FLAT_REDUCTION_MAX_CHANNELS and weight.shape[-1] > 1
+    args = {"x_ptr": x, "C": c, "K": k, "H": h, "W": w}
+    return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=flat,
+                          TMA_OK=_tma_ok(x, weight, y, flat))
 
 
 def _direct(kernel):
