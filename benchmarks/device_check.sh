@@ -3,8 +3,8 @@
 #
 #   OUT=/some/dir VGG_KERNELS_COMMIT=<sha> bash benchmarks/device_check.sh [--quick]
 #
-# Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_MODEL seconds
-# override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each step's status and time; the benchmark steps write
+# Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_NATIVE_WGMMA,
+# LIMIT_MODEL seconds override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each step's status and time; the benchmark steps write
 # their own JSON next to it. The last lines printed are the summary table.
 set -u
 cd "$(dirname "$0")/.."
@@ -64,6 +64,10 @@ BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 step bench-layers "${LIMIT_LAYERS:-200}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode default --time-limit $(( ${LIMIT_LAYERS:-200} - 60 )) \
     --out "$OUT/layers.json"
+# the native backend's Hopper (wgmma) inference kernel, switched on, against cuDNN eager
+step bench-native-wgmma "${LIMIT_NATIVE_WGMMA:-120}" env VGG_KERNELS_NATIVE_WGMMA=1 \
+    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
+    --time-limit $(( ${LIMIT_NATIVE_WGMMA:-120} - 40 )) --out "$OUT/layers-native-wgmma.json"
 step bench-model "${LIMIT_MODEL:-240}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
     --time-limit $(( ${LIMIT_MODEL:-240} - 90 )) --out "$OUT/model.json"
@@ -89,6 +93,6 @@ for s in summary["steps"]:
 EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-for suite in layers model; do
+for suite in layers layers-native-wgmma model; do
     [ -f "$OUT/$suite.json" ] && $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
 done

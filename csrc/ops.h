@@ -37,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool pool);
 // The gencode targets this build carries, e.g. "sm_90a".
 std::string archs();
+// Whether the current device runs the Hopper wgmma inference kernel (VGG_KERNELS_NATIVE_WGMMA=1).
+bool wgmma_available();
 }  // namespace cuda
 #endif
 

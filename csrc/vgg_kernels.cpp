@@ -179,6 +179,16 @@ std::string build_info() {
   return info;
 }
 
+// Whether VGG_KERNELS_NATIVE_WGMMA=1 runs fp16/bf16 inference on the current CUDA device's
+// Hopper kernel (compute capability 9.0 and a build with 9.0a among its targets).
+bool cuda_wgmma_available() {
+#ifdef VGG_KERNELS_WITH_CUDA
+  return cuda::wgmma_available();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 }  // namespace vgg_kernels
 
@@ -191,6 +201,7 @@ TORCH_LIBRARY(vgg_kernels, m) {
   m.def("bn_relu_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor gamma, "
         "Tensor beta, bool pool) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta)");
   m.def("build_info() -> str", &vgg_kernels::build_info);
+  m.def("cuda_wgmma_available() -> bool", &vgg_kernels::cuda_wgmma_available);
 }
 
 TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {

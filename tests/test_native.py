@@ -444,6 +444,45 @@ def test_cuda_infer_odd_shapes(shape, dtype, native_cuda):
                        oracle, dtype)
 
 
+@pytest.fixture
+def native_wgmma(native_cuda, monkeypatch):
+    """The native backend with its Hopper kernel switched on (VGG_KERNELS_NATIVE_WGMMA=1)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0 GPUs")
+    if "90" not in native.build_info().get("cuda", ""):
+        pytest.skip("the extension was not built for compute capability 9.0")
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "1")
+    return native_cuda
+
+
+@pytest.mark.gpu
+def test_cuda_wgmma_availability_follows_the_build(native_wgmma):
+    """device_native.sh builds for 9.0a, so on an H100/H200 the Hopper kernel must be there."""
+    assert native.cuda_wgmma_available()
+
+
+# (N, C, K, H, W, R, pool): C and K multiples of 8 (the wgmma kernel's domain), tiles cut at
+# every edge: K not a multiple of 128, rows not a multiple of 128, odd H and W with pooling.
+WGMMA_SHAPES = [(2, 64, 72, 9, 11, 3, True), (1, 24, 40, 5, 7, 1, False),
+                (3, 136, 264, 7, 6, 3, True), (1, 8, 8, 1, 1, 3, False),
+                (2, 520, 136, 6, 5, 3, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", VGG16_LAYERS[1:], ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_wgmma_infer_matches_cudnn(layer, dtype, native_wgmma):
+    test_cuda_infer_matches_cudnn(layer, dtype, native_wgmma)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", WGMMA_SHAPES,
+                         ids=["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in WGMMA_SHAPES])
+def test_cuda_wgmma_infer_odd_shapes(shape, dtype, native_wgmma):
+    test_cuda_infer_odd_shapes(shape, dtype, native_wgmma)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer", [VGG16_LAYERS[0], VGG16_LAYERS[4], VGG16_LAYERS[8]],
                          ids=lambda s: "C{}K{}H{}pool{}".format(*s))

@@ -41,6 +41,12 @@ cudaError_t launch_conv_bf16(const ConvParams& p, ConvMode mode, cudaStream_t st
 cudaError_t launch_conv_tf32(const ConvParams& p, ConvMode mode, cudaStream_t stream);
 cudaError_t launch_conv_fp32(const ConvParams& p, ConvMode mode, cudaStream_t stream);
 
+// Hopper inference kernel (conv_wgmma.cu): fp16/bf16, c and k multiples of 8, 16-byte aligned
+// x and weight, on a compute capability 9.0 device running this build's sm_90a code.
+bool conv_wgmma_supported(const ConvParams& p, DType dtype, cudaStream_t stream);
+bool wgmma_runs_here(cudaStream_t stream);
+cudaError_t launch_conv_wgmma(const ConvParams& p, DType dtype, cudaStream_t stream);
+
 // y = maxpool2x2?(relu(z * scale + shift)); z (n, h, w, k) NHWC, y (n, out_h, out_w, k).
 struct BnReluParams {
   const void* z;

@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../ops.h"
 #include "launch.h"
 
@@ -48,8 +51,22 @@ ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight_krsc, bool 
   return p;
 }
 
+// VGG_KERNELS_NATIVE_WGMMA=1 runs fp16/bf16 inference on the Hopper wgmma kernel where it
+// applies (read per call, so one process can time both kernels).
+bool wgmma_requested() {
+  const char* value = std::getenv("VGG_KERNELS_NATIVE_WGMMA");
+  return value != nullptr && std::string(value) == "1";
+}
+
 void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (mode == ConvMode::kInfer && dtype != at::kFloat && wgmma_requested()) {
+    const DType type = dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+    if (conv_wgmma_supported(p, type, stream)) {
+      C10_CUDA_CHECK(launch_conv_wgmma(p, type, stream));
+      return;
+    }
+  }
   cudaError_t status;
   switch (dtype) {
     case at::kHalf:
@@ -69,6 +86,15 @@ void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
 }  // namespace
 
 std::string archs() { return compiled_archs(); }
+
+bool wgmma_available() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();  // no usable GPU here: not an error for this query
+    return false;
+  }
+  return wgmma_runs_here(c10::cuda::getCurrentCUDAStream());
+}
 
 at::Tensor conv_bn_relu_infer(const at::Tensor& x_in, const at::Tensor& weight,
                               const at::Tensor& scale_in, const at::Tensor& shift_in, bool pool) {

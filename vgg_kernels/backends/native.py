@@ -95,6 +95,14 @@ def build_info() -> dict[str, str]:
     return dict(_state.get("info", {}))  # type: ignore[call-overload]
 
 
+def cuda_wgmma_available() -> bool:
+    """Whether ``VGG_KERNELS_NATIVE_WGMMA=1`` runs fp16/bf16 inference on the Hopper (wgmma)
+    kernel on the current CUDA device: compute capability 9.0 and a build for 9.0a."""
+    if _load() is not None or not torch.cuda.is_available():
+        return False
+    return bool(torch.ops.vgg_kernels.cuda_wgmma_available())
+
+
 # -- fake (meta) kernels: shapes, dtypes and memory formats of the C++ ops ----------------------
 
 def _empty_nhwc(shape, like: torch.Tensor) -> torch.Tensor:

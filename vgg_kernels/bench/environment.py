@@ -73,6 +73,9 @@ def git_commit() -> tuple[str | None, bool | None]:
     return commit, bool(status) if status is not None else None
 
 
+_SWITCHES = ("VGG_KERNELS_BACKEND", "VGG_KERNELS_NATIVE_WGMMA")
+
+
 def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
     """The ``environment`` block: what ran, where, and from which commit."""
     from vgg_kernels import __version__
@@ -103,6 +106,9 @@ def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command_line": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "vgg_kernels.bench",
                                     *argv]),
+        # kernel switches that change what a backend runs (VGG_KERNELS_BACKEND, ..._NATIVE_WGMMA)
+        "switches": {name: value for name, value in sorted(os.environ.items())
+                     if name in _SWITCHES},
     }
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
