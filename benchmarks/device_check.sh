@@ -2,6 +2,11 @@
 # One bounded pass over a lent GPU: environment, build, GPU tests, benchmarks, one summary.
 #
 #   OUT=/some/dir VGG_KERNELS_COMMIT=<sha> bash benchmarks/device_check.sh [--quick]
+#       [--part all|tests|bench]
+#
+# --quick leaves out the per-config Triton sweep. --part splits the pass over two device calls
+# that each stay inside one call's time limit: `tests` (build, GPU tests), then `bench` (build,
+# which is a no-op on a warm machine, and the benchmarks).
 #
 # Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_NATIVE_WGMMA,
 # LIMIT_MODEL seconds override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each step's status and time; the benchmark steps write
@@ -13,7 +18,17 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+PART=all
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --part) PART=${2:-all}; shift ;;
+        *) echo "device_check.sh: unknown argument $1 (expected --quick, --part all|tests|bench)" >&2
+           exit 2 ;;
+    esac
+    shift
+done
+case "$PART" in all|tests|bench) ;; *) echo "device_check.sh: --part must be all, tests or bench" >&2; exit 2 ;; esac
 export VGG_KERNELS_COMMIT=${VGG_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export VGG_KERNELS_CUDA_ARCHS=${VGG_KERNELS_CUDA_ARCHS:-9.0a}
@@ -54,13 +69,16 @@ fi
 # the time goes into compiling and autotuning kernels, which is CPU work)
 PARALLEL=()
 $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-step gpu-tests "${LIMIT_TESTS:-300}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
-    --junitxml="$OUT/gpu-tests.xml" tests
+if [ "$PART" != bench ]; then
+    step gpu-tests "${LIMIT_TESTS:-300}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
+        --junitxml="$OUT/gpu-tests.xml" tests
+fi
 
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
 # torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
 # the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode.
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
+if [ "$PART" != tests ]; then
 step bench-layers "${LIMIT_LAYERS:-200}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode default --time-limit $(( ${LIMIT_LAYERS:-200} - 60 )) \
     --out "$OUT/layers.json"
@@ -73,6 +91,7 @@ step bench-model "${LIMIT_MODEL:-240}" $PY -m vgg_kernels.bench model "${BENCH[@
     --time-limit $(( ${LIMIT_MODEL:-240} - 90 )) --out "$OUT/model.json"
 if [ $QUICK -eq 0 ]; then
     step tune-triton 240 $PY benchmarks/tune_triton.py --candidates --out "$OUT/tune_triton.json"
+fi
 fi
 
 # 5. summary: one result file with both suites, then the table
@@ -94,5 +113,13 @@ EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
 for suite in layers layers-native-wgmma model; do
-    [ -f "$OUT/$suite.json" ] && $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
+    if [ -f "$OUT/$suite.json" ]; then
+        $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
+    fi
 done
+# exit status: 0 when every step did
+for s in "${STEPS[@]}"; do
+    set -- $s
+    [ "$2" = 0 ] || exit 1
+done
+exit 0
