@@ -188,8 +188,8 @@ __global__ void bn_relu_backward_reduce_kernel(const BnReluBackwardParams p) {
       sum_g += partial_g[i][threadIdx.x];
       sum_gx += partial_gx[i][threadIdx.x];
     }
-    atomicAdd(p.sum_g + k, sum_g);
-    atomicAdd(p.sum_gx + k, sum_gx);
+    atomicAdd(p.sum_g + k, static_cast<double>(sum_g));
+    atomicAdd(p.sum_gx + k, static_cast<double>(sum_gx));
   }
 }
 
@@ -224,7 +224,8 @@ __global__ void bn_relu_backward_apply_kernel(const BnReluBackwardParams p) {
     } else if (pre_of(xhat, c) > 0.0f) {
       g = Convert<T>::to_float(grad_y[idx]);
     }
-    const float mean_g = p.sum_g[k] * inv_count, mean_gx = p.sum_gx[k] * inv_count;
+    const float mean_g = static_cast<float>(p.sum_g[k]) * inv_count;
+    const float mean_gx = static_cast<float>(p.sum_gx[k]) * inv_count;
     grad_z[idx] = Convert<T>::from_float(c.gamma * c.invstd * (g - mean_g - xhat * mean_gx));
   }
 }

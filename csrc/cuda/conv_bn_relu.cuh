@@ -356,8 +356,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
     __syncthreads();
     for (int i = tid; i < BN; i += Cfg::kThreads) {
       if (n_block + i < p.k) {
-        atomicAdd(p.sum + n_block + i, stat_sum[i]);
-        atomicAdd(p.sumsq + n_block + i, stat_sumsq[i]);
+        // fp64 across CTAs: thousands of per-CTA partials add up without fp32 drift
+        atomicAdd(p.sum + n_block + i, static_cast<double>(stat_sum[i]));
+        atomicAdd(p.sumsq + n_block + i, static_cast<double>(stat_sumsq[i]));
       }
     }
   }

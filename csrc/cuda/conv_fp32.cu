@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(kSimtThreads) conv_fp32_simt_kernel(const Conv
     }
     __syncthreads();
     if (tid < kSimtBN && n_block + tid < p.k) {
-      atomicAdd(p.sum + n_block + tid, stat_sum[tid]);
-      atomicAdd(p.sumsq + n_block + tid, stat_sumsq[tid]);
+      atomicAdd(p.sum + n_block + tid, static_cast<double>(stat_sum[tid]));
+      atomicAdd(p.sumsq + n_block + tid, static_cast<double>(stat_sumsq[tid]));
     }
   }
 }

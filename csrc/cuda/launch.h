@@ -20,8 +20,8 @@ struct ConvParams {
   const float* scale;  // infer: (k,) fp32
   const float* shift;  // infer: (k,) fp32; stats: conv bias (k,) fp32 or nullptr
   void* y;             // infer: (n, out_h, out_w, k); stats: z (n, h, w, k); dtype
-  float* sum;          // stats: (k,) fp32, zero on entry; += sum over pixels of z
-  float* sumsq;        // stats: (k,) fp32, zero on entry; += sum over pixels of z * z
+  double* sum;         // stats: (k,) fp64, zero on entry; += sum over pixels of z
+  double* sumsq;       // stats: (k,) fp64, zero on entry; += sum over pixels of z * z
   int64_t n, h, w, c, k, out_h, out_w;
   int r;
   bool pool;
@@ -66,8 +66,8 @@ struct BnReluBackwardParams {
   const float* invstd;
   const float* gamma;
   const float* beta;
-  float* sum_g;        // (k,) zero on entry: sum of g (= grad_beta)
-  float* sum_gx;       // (k,) zero on entry: sum of g * xhat (= grad_gamma)
+  double* sum_g;       // (k,) fp64, zero on entry: sum of g (= grad_beta)
+  double* sum_gx;      // (k,) fp64, zero on entry: sum of g * xhat (= grad_gamma)
   void* grad_z;        // (n, h, w, k)
   int64_t n, h, w, k, out_h, out_w;
   bool pool;

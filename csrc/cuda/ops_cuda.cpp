@@ -123,13 +123,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     p.shift = bias_f.data_ptr<float>();
   }
   at::Tensor z = empty_nhwc(p.n, p.k, p.h, p.w, x);
-  at::Tensor sum = at::zeros({p.k}, x.options().dtype(at::kFloat));
-  at::Tensor sumsq = at::zeros({p.k}, x.options().dtype(at::kFloat));
+  // fp64 accumulators across CTAs, returned in fp32 like the CPU kernels' sums
+  at::Tensor sum = at::zeros({p.k}, x.options().dtype(at::kDouble));
+  at::Tensor sumsq = at::zeros({p.k}, x.options().dtype(at::kDouble));
   p.y = z.data_ptr();
-  p.sum = sum.data_ptr<float>();
-  p.sumsq = sumsq.data_ptr<float>();
+  p.sum = sum.data_ptr<double>();
+  p.sumsq = sumsq.data_ptr<double>();
   launch_conv(p, x.scalar_type(), ConvMode::kStats);
-  return {z, sum, sumsq};
+  return {z, sum.to(at::kFloat), sumsq.to(at::kFloat)};
 }
 
 at::Tensor bn_relu_pool(const at::Tensor& z_in, const at::Tensor& scale_in,
@@ -171,8 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   p.pool = pool;
   p.out_h = pool ? p.h / 2 : p.h;
   p.out_w = pool ? p.w / 2 : p.w;
-  at::Tensor sum_g = at::zeros({p.k}, z.options().dtype(at::kFloat));
-  at::Tensor sum_gx = at::zeros({p.k}, z.options().dtype(at::kFloat));
+  at::Tensor sum_g = at::zeros({p.k}, z.options().dtype(at::kDouble));
+  at::Tensor sum_gx = at::zeros({p.k}, z.options().dtype(at::kDouble));
   at::Tensor grad_z = empty_nhwc(p.n, p.k, p.h, p.w, z);
   p.grad_y = grad_y.data_ptr();
   p.z = z.data_ptr();
@@ -180,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   p.invstd = invstd.data_ptr<float>();
   p.gamma = gamma.data_ptr<float>();
   p.beta = beta.data_ptr<float>();
-  p.sum_g = sum_g.data_ptr<float>();
-  p.sum_gx = sum_gx.data_ptr<float>();
+  p.sum_g = sum_g.data_ptr<double>();
+  p.sum_gx = sum_gx.data_ptr<double>();
   p.grad_z = grad_z.data_ptr();
   C10_CUDA_CHECK(launch_bn_relu_backward(p, dtype_of(z), c10::cuda::getCurrentCUDAStream()));
   return {grad_z, sum_gx.to(gamma_in.scalar_type()), sum_g.to(beta_in.scalar_type())};
