@@ -20,7 +20,7 @@ def test_pruned_configs_fit_the_shape(c, k, r, dtype):
     x = torch.empty(1, dtype=dtype)
     flat = c <= conv_bn_relu.FLAT_REDUCTION_MAX_CHANNELS and r > 1
     kept = conv_bn_relu._prune_configs(configs, {"x_ptr": x, "C": c, "K": k},
-                                       R=r, FLAT_K=flat)
+                                       R=r, FLAT_K=c if flat else 0)
     assert 1 <= len(kept) <= conv_bn_relu.MAX_CONFIGS_PER_SHAPE
     reduction = c * (r * r if flat else 1)
     for config in kept:

@@ -97,11 +97,26 @@ def test_descriptor_config_rejects_ineligible_input(make, match):
         conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **TILE)
 
 
-def test_persistent_grid_needs_descriptor_path():
-    x, weight, scale, shift = _inputs(1, 32, 16, 6, 6, 3, torch.float16)
-    pointer = {**TILE, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1}
-    with pytest.raises(ValueError, match="PROGRAMS_PER_SM"):
-        conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **pointer)
+@pytest.mark.parametrize("shape", [(2, 3, 20, 9, 11, 3, True), (1, 3, 16, 8, 8, 3, False),
+                                   (3, 3, 24, 5, 7, 3, False), (2, 24, 17, 5, 7, 3, True),
+                                   (3, 8, 8, 1, 9, 3, False)],
+                         ids=lambda s: "N{}C{}K{}H{}W{}R{}pool{}".format(*s))
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs):
+    """Programs looping over pointer tiles: with C=3 and BLOCK_K=32 the one-step flattened
+    reduction that gathers the next tile ahead, else the plain loop. Every tile written once,
+    each right."""
+    if DEVICE == "cpu" and not interpreting():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    n, c, k, h, w, r, pool = shape
+    x, weight, scale, shift = _inputs(n, c, k, h, w, r, torch.float16)
+    tile = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 1,
+            "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k}
+    y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **tile)
+    oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
+                                          shift.double(), pool)
+    assert_within_rule(y, conv_bn_relu_infer_reference(x, weight, scale, shift, pool), oracle,
+                       torch.float16)
 
 
 def test_descriptor_config_rejects_odd_tile_with_pool():
@@ -133,11 +148,23 @@ def test_eligibility_follows_layout_and_alignment():
     assert _eligible(x, torch.randn(32, 64, 1, 1, device=DEVICE, dtype=torch.bfloat16))
 
 
+def test_pruning_offers_persistent_pointer_tiles_only_to_the_flat_reduction():
+    configs = conv_bn_relu._autotune_configs()
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    flat = conv_bn_relu._prune_configs(configs, {"x_ptr": bf16, "C": 3, "K": 64, "H": 224,
+                                                 "W": 224}, R=3, FLAT_K=3, TMA_OK=False)
+    assert any(c.kwargs["PROGRAMS_PER_SM"] for c in flat)
+    assert all(c.kwargs["BLOCK_K"] == 32 for c in flat)
+    wide = conv_bn_relu._prune_configs(configs, {"x_ptr": bf16, "C": 64, "K": 64, "H": 224,
+                                                 "W": 224}, R=3, FLAT_K=0, TMA_OK=False)
+    assert not any(c.kwargs["PROGRAMS_PER_SM"] for c in wide)
+
+
 def test_pruning_mixes_descriptor_and_pointer_configs():
     configs = conv_bn_relu._autotune_configs()
     bf16 = torch.empty(1, dtype=torch.bfloat16)
     args = {"x_ptr": bf16, "C": 256, "K": 256, "H": 56, "W": 56}
-    kept = conv_bn_relu._prune_configs(configs, args, R=3, FLAT_K=False, TMA_OK=True)
+    kept = conv_bn_relu._prune_configs(configs, args, R=3, FLAT_K=0, TMA_OK=True)
     tma = [c for c in kept if c.kwargs["USE_TMA"]]
     assert len(kept) <= conv_bn_relu.MAX_CONFIGS_PER_SHAPE
     assert 1 <= len(tma) <= conv_bn_relu.MAX_TMA_CONFIGS_PER_SHAPE < len(kept)
@@ -145,9 +172,9 @@ def test_pruning_mixes_descriptor_and_pointer_configs():
         assert 256 % config.kwargs["BLOCK_K"] == 0
         assert config.kwargs["BLOCK_M"] == config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"]
     assert not any(c.kwargs["USE_TMA"] for c in conv_bn_relu._prune_configs(
-        configs, args, R=3, FLAT_K=False, TMA_OK=False))
+        configs, args, R=3, FLAT_K=0, TMA_OK=False))
     # 14x14 images: no tile wider or taller than 16
-    small = conv_bn_relu._prune_configs(configs, {**args, "H": 14, "W": 14}, R=3, FLAT_K=False,
+    small = conv_bn_relu._prune_configs(configs, {**args, "H": 14, "W": 14}, R=3, FLAT_K=0,
                                         TMA_OK=True)
     assert all(c.kwargs["BLOCK_H"] <= 16 and c.kwargs["BLOCK_W"] <= 16 for c in small)
 

@@ -43,6 +43,14 @@ _TMA_CONFIG_SHAPES = [
     (8, 32, 128, 64, 8, 3, 1), (8, 16, 128, 32, 4, 4, 2), (4, 32, 128, 32, 4, 4, 2),
     (16, 16, 64, 64, 8, 4, 1), (8, 16, 64, 64, 4, 3, 2), (4, 32, 64, 64, 4, 3, 2),
 ]
+# Persistent pointer configs for the flattened reduction (the 3-channel first layer), same
+# fields as _CONFIG_SHAPES plus PROGRAMS_PER_SM: its one-step reduction leaves nothing to
+# pipeline inside a tile, so programs loop over tiles and gather the next tile ahead.
+# PROGRAMS_PER_SM is what fits by registers (sm_90a compiles with triton 3.6: 125-167 registers
+# at 4 warps, up to 194 at 8), so no program waits for another to finish.
+_FLAT_CONFIG_SHAPES = [
+    (128, 64, 32, 4, 3, 3), (64, 64, 32, 4, 3, 3), (256, 64, 32, 8, 3, 1),
+]
 MAX_CONFIGS_PER_SHAPE = 8
 MAX_TMA_CONFIGS_PER_SHAPE = 4
 # Widest descriptor row in bytes: one 128-byte swizzled shared-memory row per load.
@@ -57,6 +65,12 @@ def _autotune_configs() -> list[triton.Config]:
                        "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
                       num_warps=w, num_stages=s if hopper else min(s, 3))
         for m, n, k, w, s in _CONFIG_SHAPES
+    ]
+    configs += [
+        triton.Config({"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": p,
+                       "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                      num_warps=w, num_stages=s if hopper else min(s, 3))
+        for m, n, k, w, s, p in _FLAT_CONFIG_SHAPES
     ]
     configs += [
         triton.Config({"USE_TMA": True, "BLOCK_H": bh, "BLOCK_W": bw, "PROGRAMS_PER_SM": p,
@@ -105,6 +119,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if config.num_stages * (bm * bk + bk * bn) * element + epilogue > limit:
             continue
         if not config.kwargs["USE_TMA"]:
+            if config.kwargs["PROGRAMS_PER_SM"] and not args["FLAT_K"]:
+                continue  # persistent pointer tiles are for the flattened reduction
             pointer.append(config)
             continue
         if not args.get("TMA_OK", False) or bk * element > _TMA_MAX_ROW_BYTES or args["C"] % bk:
@@ -130,6 +146,86 @@ def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
 
 
 @triton.jit
+def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Conv output positions (image n as int64, oh, ow) and validity of pointer tile ``pid_m``'s
+    BLOCK_M rows: output pixels in N, H, W order; with POOL, BLOCK_M // 4 pooled pixels, row
+    group ``p = row // (BLOCK_M // 4)`` holding window position (p // 2, p % 2)."""
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    if POOL:
+        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows % ROWS_OUT
+    else:
+        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows
+    row_ok = out_pixel < M_TOTAL
+    n = out_pixel // (HO * WO)
+    rem = (out_pixel % (HO * WO)).to(tl.int32)
+    oh = rem // WO
+    ow = rem % WO
+    if POOL:
+        window = rows // ROWS_OUT
+        oh = oh * 2 + window // 2
+        ow = ow * 2 + window % 2
+    return n, oh, ow, row_ok
+
+
+@triton.jit
+def _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
+                 q0, R: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns q0 .. q0 + BLOCK_K of the flattened reduction, q = (r * R + s) * C + c with
+    C = FLAT_K a compile-time constant, so the split of q is constant per column."""
+    PAD: tl.constexpr = R // 2
+    q = q0 + tl.arange(0, BLOCK_K)
+    q_ok = q < R * R * FLAT_K
+    tap = q // FLAT_K
+    c = q % FLAT_K
+    ih = oh[:, None] + (tap // R)[None, :] - PAD
+    iw = ow[:, None] + (tap % R)[None, :] - PAD
+    mask = row_ok[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # int64 image offset; in-image offsets fit in int32
+    ptrs = (x_ptr + n[:, None] * stride_xn) + ih * stride_xh + iw * stride_xw \
+        + c[None, :] * stride_xc
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, q0,
+                  R: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows q0 .. q0 + BLOCK_K of the flattened reduction of the weights, by output channel."""
+    q = q0 + tl.arange(0, BLOCK_K)
+    q_ok = q < R * R * FLAT_K
+    tap = q // FLAT_K
+    offsets = (q % FLAT_K) * stride_wc + (tap // R) * stride_wr + (tap % R) * stride_ws
+    w_col = w_ptr + cols.to(tl.int64) * stride_wk
+    return tl.load(w_col[None, :] + offsets[:, None], mask=q_ok[:, None] & col_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
+                stride_yn, stride_yc, stride_yh, stride_yw,
+                POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store pointer tile ``pid_m`` (rows as in ``_tile_rows``), max-pooled first with POOL."""
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    if POOL:
+        # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
+        acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
+        pixel = pid_m.to(tl.int64) * ROWS_OUT + tl.arange(0, ROWS_OUT)
+        pixel_ok = pixel < M_TOTAL
+        yn = pixel // (HO * WO)
+        yrem = (pixel % (HO * WO)).to(tl.int32)
+        yh = yrem // WO
+        yw = yrem % WO
+    else:
+        pixel_ok = row_ok
+        yn = n
+        yh = oh
+        yw = ow
+    y_ptrs = (y_ptr + yn[:, None] * stride_yn + (yh * stride_yh + yw * stride_yw)[:, None]
+              + cols[None, :] * stride_yc)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=pixel_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _pointer_tile(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
     C, H, W, K, HO, WO, M_TOTAL,
@@ -141,55 +237,30 @@ def _pointer_tile(
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Tile ``pid_m`` of BLOCK_M rows (output pixels in N, H, W order; with POOL, BLOCK_M // 4
-    pooled pixels, row group ``p = row // (BLOCK_M // 4)`` holding window position
-    (p // 2, p % 2)) by BLOCK_N output channels, loaded through masked pointer gathers."""
+    """Tile ``pid_m`` of BLOCK_M rows (see ``_tile_rows``) by BLOCK_N output channels, loaded
+    through masked pointer gathers. FLAT_K is 0 (one reduction step per tap and channel block)
+    or C, then a compile-time constant: the R*R*C reduction is flattened into BLOCK_K-wide
+    steps."""
     PAD: tl.constexpr = R // 2
-    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    if POOL:
-        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows % ROWS_OUT
-        window = rows // ROWS_OUT
-    else:
-        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows
-    row_ok = out_pixel < M_TOTAL
-    n = out_pixel // (HO * WO)
-    rem = (out_pixel % (HO * WO)).to(tl.int32)
-    oh = rem // WO
-    ow = rem % WO
-    if POOL:
-        oh = oh * 2 + window // 2
-        ow = ow * 2 + window % 2
-    x_row = x_ptr + n * stride_xn  # int64 image offset; in-image offsets fit in int32
-
+    n, oh, ow, row_ok = _tile_rows(pid_m, M_TOTAL, HO, WO, POOL, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < K
-    w_col = w_ptr + cols.to(tl.int64) * stride_wk
-    offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
-        # reduction index q = (r * R + s) * C + c, split per element
-        for q0 in range(0, R * R * C, BLOCK_K):
-            q = q0 + offs_k
-            q_ok = q < R * R * C
-            tap = q // C
-            c = q % C
-            r = tap // R
-            s = tap % R
-            ih = oh[:, None] + r[None, :] - PAD
-            iw = ow[:, None] + s[None, :] - PAD
-            a_mask = (row_ok[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H)
-                      & (iw >= 0) & (iw < W))
-            a = tl.load(x_row[:, None] + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc,
-                        mask=a_mask, other=0.0)
-            b = tl.load(w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None],
-                        mask=q_ok[:, None] & col_ok[None, :], other=0.0)
+        for q0 in tl.static_range(0, R * R * FLAT_K, BLOCK_K):  # one step for C=3
+            a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh,
+                             stride_xw, q0, R, FLAT_K, BLOCK_K)
+            b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws,
+                              q0, R, FLAT_K, BLOCK_K)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
+        x_row = x_ptr + n * stride_xn  # int64 image offset; in-image offsets fit in int32
+        w_col = w_ptr + cols.to(tl.int64) * stride_wk
+        offs_k = tl.arange(0, BLOCK_K)
         # one loop over (tap, channel block) so the pipeliner overlaps loads across taps
         num_c = tl.cdiv(C, BLOCK_K)
         for t in range(0, R * R * num_c):
@@ -216,23 +287,55 @@ def _pointer_tile(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
-    if POOL:
-        # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
-        acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
-        pixel = pid_m.to(tl.int64) * ROWS_OUT + tl.arange(0, ROWS_OUT)
-        pixel_ok = pixel < M_TOTAL
-        yn = pixel // (HO * WO)
-        yrem = (pixel % (HO * WO)).to(tl.int32)
-        yh = yrem // WO
-        yw = yrem % WO
-    else:
-        pixel_ok = row_ok
-        yn = n
-        yh = oh
-        yw = ow
-    y_ptrs = (y_ptr + yn[:, None] * stride_yn + (yh * stride_yh + yw * stride_yw)[:, None]
-              + cols[None, :] * stride_yc)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=pixel_ok[:, None] & col_ok[None, :])
+    _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
+                stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _flat_persistent_tiles(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    H, W, K, HO, WO, M_TOTAL,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Pointer tiles p, p + P, ... of a one-step flattened reduction (R*R*C <= BLOCK_K: the
+    3-channel first layer), with the next tile's input gather issued before this tile's
+    product and store, so its latency hides behind them (the gathers are 2-byte loads, which
+    cp.async cannot pipeline)."""
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    num_n = tl.cdiv(K, BLOCK_N)
+    num_tiles = tl.cdiv(M_TOTAL, ROWS_OUT) * num_n
+    step = tl.num_programs(0)
+    first = tl.program_id(0)
+    n, oh, ow, row_ok = _tile_rows(first // num_n, M_TOTAL, HO, WO, POOL, BLOCK_M)
+    a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
+                     0, R, FLAT_K, BLOCK_K)
+    for tile_id in range(first, num_tiles, step):
+        # the next tile's rows (all masked past the last tile) and gather, issued first
+        n2, oh2, ow2, ok2 = _tile_rows((tile_id + step) // num_n, M_TOTAL, HO, WO, POOL,
+                                       BLOCK_M)
+        a_next = _flat_gather(x_ptr, n2, oh2, ow2, ok2, H, W, stride_xn, stride_xc, stride_xh,
+                              stride_xw, 0, R, FLAT_K, BLOCK_K)
+        cols = (tile_id % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, 0,
+                          R, FLAT_K, BLOCK_K)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
+        acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
+        _store_rows(acc, y_ptr, tile_id // num_n, n, oh, ow, row_ok, cols, col_ok, M_TOTAL,
+                    HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N)
+        a = a_next
+        n = n2
+        oh = oh2
+        ow = ow2
+        row_ok = ok2
 
 
 @triton.jit
@@ -338,7 +441,8 @@ def conv_bn_relu_fwd_kernel(
     M_TOTAL counts output (pooled) pixels. Padding is R // 2 on every side.
     USE_TMA (only with TMA_OK: channels_last x, w and y with 16-byte aligned strides) loads
     BLOCK_H x BLOCK_W spatial tiles through tensor descriptors; otherwise rows are gathered
-    through masked pointers. PROGRAMS_PER_SM only sizes the grid (see ``_launch``).
+    through masked pointers. PROGRAMS_PER_SM > 0 makes the grid persistent (that many programs
+    per SM, sized in ``_launch``, each looping over tiles); 0 runs one program per tile.
     """
     if USE_TMA:
         tl.static_assert(TMA_OK, "USE_TMA needs TMA_OK")
@@ -348,14 +452,34 @@ def conv_bn_relu_fwd_kernel(
                    R, POOL, INPUT_PRECISION, UPCAST, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K)
     else:
         num_n = tl.cdiv(K, BLOCK_N)
-        pid = tl.program_id(0)
         # Programs that share an M tile run next to each other: the input tile is read from L2.
-        _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
-                      stride_xn, stride_xc, stride_xh, stride_xw,
-                      stride_wk, stride_wc, stride_wr, stride_ws,
-                      stride_yn, stride_yc, stride_yh, stride_yw,
-                      pid // num_n, pid % num_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION, UPCAST,
-                      BLOCK_M, BLOCK_N, BLOCK_K)
+        # A persistent grid (PROGRAMS_PER_SM > 0) walks tiles p, p + P, ...; with a one-step
+        # flattened reduction each program gathers the next tile's input ahead of time.
+        if PROGRAMS_PER_SM > 0 and FLAT_K and R * R * FLAT_K <= BLOCK_K:
+            _flat_persistent_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, H, W, K, HO, WO,
+                                   M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
+                                   stride_wk, stride_wc, stride_wr, stride_ws,
+                                   stride_yn, stride_yc, stride_yh, stride_yw,
+                                   R, POOL, FLAT_K, INPUT_PRECISION, UPCAST,
+                                   BLOCK_M, BLOCK_N, BLOCK_K)
+        elif PROGRAMS_PER_SM > 0:
+            rows_out: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+            num_tiles = tl.cdiv(M_TOTAL, rows_out) * num_n
+            for tile_id in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO,
+                              M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
+                              stride_wk, stride_wc, stride_wr, stride_ws,
+                              stride_yn, stride_yc, stride_yh, stride_yw,
+                              tile_id // num_n, tile_id % num_n, R, POOL, FLAT_K, EVEN_C,
+                              INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            pid = tl.program_id(0)
+            _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
+                          stride_xn, stride_xc, stride_xh, stride_xw,
+                          stride_wk, stride_wc, stride_wr, stride_ws,
+                          stride_yn, stride_yc, stride_yh, stride_yw,
+                          pid // num_n, pid % num_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION,
+                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _autotuned_kernel = None
@@ -460,8 +584,6 @@ def _ensure_allocator() -> None:
 
 def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
     if not config.get("USE_TMA", False):
-        if config.get("PROGRAMS_PER_SM", 0):
-            raise ValueError("config PROGRAMS_PER_SM (a persistent grid) needs USE_TMA=True")
         return
     if not tma_ok:
         raise ValueError("config USE_TMA=True needs fp16/bf16 on Hopper or newer, channels_last "
@@ -492,7 +614,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     interp = interpreting()
     tma_ok = _tma_ok(x, weight, y, flat)
     meta = dict(
-        R=r, POOL=pool, FLAT_K=flat, EVEN_C=False,
+        R=r, POOL=pool, FLAT_K=c if flat else 0, EVEN_C=False,
         INPUT_PRECISION=_input_precision(x.dtype),
         UPCAST=interp and x.dtype == torch.bfloat16, TMA_OK=tma_ok,
     )
@@ -557,7 +679,7 @@ def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list
     _, c, h, w = x.shape
     flat = c <= FLAT_REDUCTION_MAX_CHANNELS and weight.shape[-1] > 1
     args = {"x_ptr": x, "C": c, "K": k, "H": h, "W": w}
-    return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=flat,
+    return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=c if flat else 0,
                           TMA_OK=_tma_ok(x, weight, y, flat))
 
 
