@@ -1,8 +1,9 @@
 // Hopper (sm_90a) inference kernel: the implicit GEMM of conv_bn_relu.cuh on warpgroup MMA.
 //
-// CTA tile 128 GEMM rows (pixels, or 4 per pooled pixel) x 128 output channels, reduction step
-// 64 elements = one 128-byte row per tile row. Two warpgroups each own 64 rows and issue
-// wgmma.m64n128k16 with both operands read from shared memory through matrix descriptors; the
+// CTA tile 128 GEMM rows (pixels, or 4 per pooled pixel) x 128 output channels (64 when the
+// layer has at most 64), reduction step 64 elements = one 128-byte row per tile row. Two
+// warpgroups each own 64 rows and issue wgmma.m64n{128,64}k16 with both operands read from
+// shared memory through matrix descriptors; the
 // tiles are stored in the 128-byte swizzled layout those descriptors name (16-byte chunk j of
 // row r at chunk j ^ (r % 8)), filled by 16-byte cp.async copies that zero-fill the padding.
 // Five stages: tile kt + 3 is in flight while tile kt is multiplied and tile kt - 1's MMAs
@@ -16,61 +17,92 @@
 namespace vgg_kernels::cuda {
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kBK = 64;
+constexpr int kBM = 128, kBK = 64;  // the channel tile BN (128 or 64) is a template parameter
 constexpr int kStages = 5;
 [[maybe_unused]] constexpr int kAhead = kStages - 2;  // tiles loaded ahead of the multiplied one
 constexpr int kThreads = 256;                           // two warpgroups
 constexpr int kRowBytes = kBK * 2;                      // 128: one swizzle row
-constexpr int kTileBytes = kBM * kRowBytes;
-constexpr int kStageBytes = 2 * kTileBytes;  // A (pixels) then B (channels); kBN == kBM
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align to 1024 bytes
-constexpr int kChunksPerRow = kRowBytes / 16;              // 8
-constexpr int kRowsPerPass = kThreads / kChunksPerRow;     // 32
-[[maybe_unused]] constexpr int kRowChunks = kBM / kRowsPerPass;  // copies per thread per operand
-static_assert(kBN == kBM, "A and B tiles share the loader's row mapping");
+[[maybe_unused]] constexpr int kTileBytes = kBM * kRowBytes;  // A (pixels); B follows
+constexpr int kChunksPerRow = kRowBytes / 16;  // 8
+constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // 32
+[[maybe_unused]] constexpr int kRowChunks = kBM / kRowsPerPass;  // A copies per thread
+
+template <int BN>
+struct ChannelTile {
+  static_assert(BN == 64 || BN == 128, "wgmma tiles of 64 or 128 channels");
+  static constexpr int kStageBytes = (kBM + BN) * kRowBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align to 1 KB
+};
 
 // The device code below exists in sm_90a compilations only (wgmma is arch-specific); other
 // targets get an empty kernel that the host never launches (see wgmma_runs_here).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <typename T>
-struct WgmmaOp;
-
-// D (64 x 128 fp32, 64 registers per thread) += A (64 x 16, K-major) * B (16 x 128, K-major).
-#define VK_WGMMA_M64N128K16(TYPE)                                                              \
-  __device__ __forceinline__ static void mma(float (&d)[64], uint64_t desc_a, uint64_t desc_b) { \
-    asm volatile(                                                                              \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                           \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                      \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "               \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "     \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "     \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "     \
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                        \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),  \
-          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),           \
-          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),        \
-          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),        \
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),        \
-          "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),        \
-          "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),        \
-          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),        \
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),        \
-          "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),        \
-          "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                \
-        : "l"(desc_a), "l"(desc_b), "r"(1));                                                   \
+// D (64 x N fp32, N / 2 registers per thread) += A (64 x 16, K-major) * B (16 x N, K-major).
+#define VK_WGMMA_M64N128K16(TYPE)                                                                  \
+  __device__ __forceinline__ static void mma(float (&d)[64], uint64_t desc_a,                      \
+                                           uint64_t desc_b) {                                      \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                          \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                   \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "         \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "         \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "        \
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),               \
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),            \
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),            \
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),            \
+          "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),            \
+          "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),            \
+          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),            \
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),            \
+          "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),            \
+          "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                                    \
+        : "l"(desc_a), "l"(desc_b), "r"(1));                                                       \
   }
 
-template <>
-struct WgmmaOp<__nv_bfloat16> {
-  VK_WGMMA_M64N128K16("bf16")
-};
+#define VK_WGMMA_M64N64K16(TYPE)                                                                   \
+  __device__ __forceinline__ static void mma(float (&d)[32], uint64_t desc_a,                      \
+                                           uint64_t desc_b) {                                      \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {"                           \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                   \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "        \
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                            \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),               \
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),            \
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),            \
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),            \
+          "+f"(d[31])                                                                              \
+        : "l"(desc_a), "l"(desc_b), "r"(1));                                                       \
+  }
+
+template <typename T, int BN>
+struct WgmmaOp;
 
 template <>
-struct WgmmaOp<__half> {
+struct WgmmaOp<__nv_bfloat16, 128> {
+  VK_WGMMA_M64N128K16("bf16")
+};
+template <>
+struct WgmmaOp<__half, 128> {
   VK_WGMMA_M64N128K16("f16")
+};
+template <>
+struct WgmmaOp<__nv_bfloat16, 64> {
+  VK_WGMMA_M64N64K16("bf16")
+};
+template <>
+struct WgmmaOp<__half, 64> {
+  VK_WGMMA_M64N64K16("f16")
 };
 
 #undef VK_WGMMA_M64N128K16
+#undef VK_WGMMA_M64N64K16
 
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -87,9 +119,10 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // Keeps the compiler from moving accumulator reads or writes across a wgmma fence or wait.
-__device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // Matrix descriptor of a K-major tile in the 128-byte swizzled layout: 8-row groups 1024 bytes
@@ -117,9 +150,12 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <typename T, bool kPool>
+template <typename T, int BN, bool kPool>
 __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParams p) {
+  using Tile = ChannelTile<BN>;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kBChunks = BN / kRowsPerPass;  // B copies per thread
+  constexpr int kAccumulators = BN / 2;        // fp32 registers: 64 x BN over 128 threads
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_base =
       (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
@@ -130,12 +166,12 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   const int wg = tid / 128;  // warpgroup: rows 64 * wg .. + 63 of the tile
   const int warp = (tid % 128) / 32, lane = tid % 32;
   const int64_t m_block = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t n_block = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int64_t n_block = static_cast<int64_t>(blockIdx.y) * BN;
   const T* x = static_cast<const T*>(p.x);
   const T* weight = static_cast<const T*>(p.weight);
   const int ktiles = static_cast<int>((p.kdim + kBK - 1) / kBK);
 
-  // ---- loader: thread tid copies chunk column tid % 8 of rows tid / 8 + 32 j (A and B).
+  // ---- loader: thread tid copies chunk column tid % 8 of rows tid / 8 + 32 j of A and B.
   const int chunk_col = tid % kChunksPerRow;
   const int row0 = tid / kChunksPerRow;
   RowInfo a_rows[kRowChunks];
@@ -155,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   int64_t b_kk = chunk_col * kChunk;
 
   auto load_tile = [&](int stage) {
-    unsigned char* a_tile = smem + stage * kStageBytes;
+    unsigned char* a_tile = smem + stage * Tile::kStageBytes;
     unsigned char* b_tile = a_tile + kTileBytes;
     const bool k_ok = a_r < p.r;
 #pragma unroll
@@ -169,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
       cp_async_16(a_tile + swizzled(row, chunk_col), src, ok);
     }
 #pragma unroll
-    for (int j = 0; j < kRowChunks; ++j) {
+    for (int j = 0; j < kBChunks; ++j) {
       const int row = row0 + j * kRowsPerPass;
       const int64_t n = n_block + row;
       const bool ok = n < p.k && b_kk < p.kdim;
@@ -187,9 +223,9 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
     b_kk += kBK;
   };
 
-  float acc[64];
+  float acc[kAccumulators];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
 
 #pragma unroll
   for (int t = 0; t < kAhead; ++t) {
@@ -201,13 +237,14 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
     fence_proxy_async();
     __syncthreads();  // everyone's copies of tile kt; everyone's MMAs of tile kt - 2 are done
     const int stage = kt % kStages;
-    const uint32_t a_addr = smem_base + stage * kStageBytes + wg * 64 * kRowBytes;
-    const uint32_t b_addr = smem_base + stage * kStageBytes + kTileBytes;
+    const uint32_t a_addr = smem_base + stage * Tile::kStageBytes + wg * 64 * kRowBytes;
+    const uint32_t b_addr = smem_base + stage * Tile::kStageBytes + kTileBytes;
     wgmma_fence();
     fence_accumulators(acc);
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {  // 16 elements = 32 bytes along the swizzled row
-      WgmmaOp<T>::mma(acc, smem_descriptor(a_addr + 32 * ks), smem_descriptor(b_addr + 32 * ks));
+      WgmmaOp<T, BN>::mma(acc, smem_descriptor(a_addr + 32 * ks),
+                          smem_descriptor(b_addr + 32 * ks));
     }
     wgmma_commit();
     // Stage (kt + kAhead) % kStages held tile kt - 2, whose MMAs every warpgroup finished
@@ -226,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   T* y = static_cast<T*>(p.y);
   const int64_t m_warp = m_block + wg * 64 + warp * 16 + lane / 4;
 #pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
+  for (int j = 0; j < BN / 8; ++j) {
     const int64_t n = n_block + 8 * j + 2 * (lane % 4);
     const bool n_ok = n < p.k;  // k % 8 == 0: both channels of the pair are in range or not
     const float scale0 = n_ok ? p.scale[n] : 0.0f, scale1 = n_ok ? p.scale[n + 1] : 0.0f;
@@ -297,22 +334,27 @@ bool wgmma_runs_here(cudaStream_t stream) {
 
 namespace {
 
-template <typename T, bool kPool>
+template <typename T, int BN, bool kPool>
 cudaError_t launch_wgmma(const ConvParams& p, cudaStream_t stream) {
-  auto kernel = conv_wgmma_kernel<T, kPool>;
+  auto kernel = conv_wgmma_kernel<T, BN, kPool>;
+  constexpr int kSmem = ChannelTile<BN>::kSmemBytes;
   // More than the default 48 KB of dynamic shared memory (set per device: cheap to repeat).
   const cudaError_t status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kBM)),
-                  static_cast<unsigned>(ceil_div(p.k, kBN)));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+                  static_cast<unsigned>(ceil_div(p.k, BN)));
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
+// 64-channel tiles where the layer has at most 64 channels (no half-empty tiles), else 128.
 template <typename T>
 cudaError_t launch_wgmma_dtype(const ConvParams& p, cudaStream_t stream) {
-  return p.pool ? launch_wgmma<T, true>(p, stream) : launch_wgmma<T, false>(p, stream);
+  if (p.k <= 64) {
+    return p.pool ? launch_wgmma<T, 64, true>(p, stream) : launch_wgmma<T, 64, false>(p, stream);
+  }
+  return p.pool ? launch_wgmma<T, 128, true>(p, stream) : launch_wgmma<T, 128, false>(p, stream);
 }
 
 }  // namespace
