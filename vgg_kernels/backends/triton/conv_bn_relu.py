@@ -345,11 +345,15 @@ def _tma_tiles(
     stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
     R: tl.constexpr, POOL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """Tiles (image, BLOCK_H x BLOCK_W block of conv output positions, BLOCK_N output channels)
     loaded through tensor descriptors (TMA on Hopper and newer). Program p computes tiles p,
     p + P, p + 2P, ... for a grid of P programs: one tile each when the grid covers every tile,
-    several in a persistent grid, which builds its descriptors once.
+    several in a persistent grid, which builds its descriptors once. FLATTEN fuses the tile loop
+    with the reduction loop into one software-pipelined loop, so the next tile's first loads are
+    in flight during this tile's last steps and its epilogue (for one program per SM, where no
+    other program fills that gap).
 
     Each (tap, channel block) step loads the input window shifted by the tap: the descriptor's
     out-of-bounds zero fill is the convolution's zero padding (negative coordinates included), so
@@ -378,7 +382,8 @@ def _tma_tiles(
     tiles_per_image = tl.cdiv(rows_conv, BLOCK_H) * tiles_w
     num_n = tl.cdiv(K, BLOCK_N)
     num_c = tl.cdiv(C, BLOCK_K)
-    for tile_id in range(tl.program_id(0), N * tiles_per_image * num_n, tl.num_programs(0)):
+    for tile_id in tl.range(tl.program_id(0), N * tiles_per_image * num_n, tl.num_programs(0),
+                            flatten=FLATTEN):
         # Tiles that share an input block run next to each other: it is read from L2.
         pid_m = tile_id // num_n
         image = pid_m // tiles_per_image
@@ -449,7 +454,8 @@ def conv_bn_relu_fwd_kernel(
         tl.static_assert(BLOCK_M == BLOCK_H * BLOCK_W, "BLOCK_M must be BLOCK_H * BLOCK_W")
         _tma_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, N, C, H, W, K, HO, WO,
                    stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
-                   R, POOL, INPUT_PRECISION, UPCAST, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K)
+                   R, POOL, INPUT_PRECISION, UPCAST, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K,
+                   PROGRAMS_PER_SM == 1)
     else:
         num_n = tl.cdiv(K, BLOCK_N)
         # Programs that share an M tile run next to each other: the input tile is read from L2.
