@@ -12,14 +12,21 @@ pytest.importorskip("triton")
 from vgg_kernels.backends.reference import conv_bn_relu_infer_reference  # noqa: E402
 from vgg_kernels.backends.triton import conv_bn_relu, interpreting  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A 4x8 tile (8x8 on a GPU, where wgmma wants 64 rows) by 16 channels, 16-channel reduction
 # steps, in a persistent grid (one program per SM; the interpreter plays INTERPRETER_SMS SMs, so
 # each program loops over several tiles).
-TILE = dict(USE_TMA=True, BLOCK_H=4, BLOCK_W=8, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16,
-            PROGRAMS_PER_SM=1)
-if DEVICE == "cuda":
-    TILE.update(BLOCK_H=8, BLOCK_M=64, num_warps=4, num_stages=3)
+_CPU_TILE = dict(USE_TMA=True, BLOCK_H=4, BLOCK_W=8, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16,
+                 PROGRAMS_PER_SM=1)
+TILES = {"cpu": _CPU_TILE,
+         "cuda": {**_CPU_TILE, "BLOCK_H": 8, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3}}
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """Each test runs in the interpreter on the CPU and, marked ``gpu``, compiled on a GPU."""
+    if request.param == "cpu" and not interpreting():
+        pytest.skip("the CPU runs Triton kernels only under TRITON_INTERPRET=1")
+    return request.param
 
 # (N, C, K, H, W, R, pool): C a multiple of BLOCK_K, K of 8 (16-byte rows); H and W odd or
 # smaller than a tile, batch 1 and 3, K not a multiple of BLOCK_N.
@@ -36,19 +43,17 @@ TMA_SHAPES = [
 TMA_SHAPE_IDS = ["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in TMA_SHAPES]
 
 
-def _skip_without_descriptors():
-    if DEVICE == "cpu" and not interpreting():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+def _skip_without_descriptors(device):
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need Hopper or newer")
 
 
-def _inputs(n, c, k, h, w, r, dtype):
-    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype).contiguous(
+def _inputs(n, c, k, h, w, r, dtype, device):
+    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(
         memory_format=torch.channels_last)
-    weight = (torch.randn(k, c, r, r, device=DEVICE) / (c * r * r) ** 0.5).to(dtype)
-    scale = torch.rand(k, device=DEVICE) + 0.5
-    shift = torch.randn(k, device=DEVICE) * 0.5
+    weight = (torch.randn(k, c, r, r, device=device) / (c * r * r) ** 0.5).to(dtype)
+    scale = torch.rand(k, device=device) + 0.5
+    shift = torch.randn(k, device=device) * 0.5
     return x, weight, scale, shift
 
 
@@ -60,11 +65,11 @@ def poison_outputs(monkeypatch):
 @pytest.mark.parametrize("programs_per_sm", [1, 0], ids=["persistent", "tile-per-program"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=TMA_SHAPE_IDS)
-def test_descriptor_path_matches_oracle(shape, dtype, programs_per_sm, poison_outputs):
-    _skip_without_descriptors()
+def test_descriptor_path_matches_oracle(shape, dtype, programs_per_sm, poison_outputs, device):
+    _skip_without_descriptors(device)
     n, c, k, h, w, r, pool = shape
-    x, weight, scale, shift = _inputs(n, c, k, h, w, r, dtype)
-    tile = {**TILE, "PROGRAMS_PER_SM": programs_per_sm}
+    x, weight, scale, shift = _inputs(n, c, k, h, w, r, dtype, device)
+    tile = {**TILES[device], "PROGRAMS_PER_SM": programs_per_sm}
     y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **tile)
     oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
                                           shift.double(), pool)
@@ -73,28 +78,29 @@ def test_descriptor_path_matches_oracle(shape, dtype, programs_per_sm, poison_ou
     assert_within_rule(y, torch_result, oracle, dtype)
 
 
-def test_descriptor_and_pointer_paths_agree(poison_outputs):
+def test_descriptor_and_pointer_paths_agree(poison_outputs, device):
     """Same tile products in the same order: the two load paths give the same bits."""
-    _skip_without_descriptors()
-    x, weight, scale, shift = _inputs(2, 32, 24, 7, 9, 3, torch.float16)
-    pointer = {**TILE, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0}
+    _skip_without_descriptors(device)
+    x, weight, scale, shift = _inputs(2, 32, 24, 7, 9, 3, torch.float16, device)
+    tile = TILES[device]
+    pointer = {**tile, "USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0}
     for pool in (False, True):
-        a = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **TILE)
+        a = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **tile)
         b = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **pointer)
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: _inputs(1, 32, 16, 5, 5, 3, torch.float32), "fp16/bf16"),
-    (lambda: _inputs(1, 40, 16, 5, 5, 3, torch.float16), "BLOCK_K to divide C"),
-    (lambda: _inputs(1, 32, 12, 5, 5, 3, torch.float16), "multiples of 8"),
-    (lambda: _inputs(1, 8, 16, 5, 5, 3, torch.float16), "C > 16"),
+@pytest.mark.parametrize("c, k, dtype, match", [
+    (32, 16, torch.float32, "fp16/bf16"),
+    (40, 16, torch.float16, "BLOCK_K to divide C"),
+    (32, 12, torch.float16, "multiples of 8"),
+    (8, 16, torch.float16, "C > 16"),
 ], ids=["fp32", "C-not-multiple-of-BLOCK_K", "K-not-multiple-of-8", "flat-reduction"])
-def test_descriptor_config_rejects_ineligible_input(make, match):
-    _skip_without_descriptors()
-    x, weight, scale, shift = make()
+def test_descriptor_config_rejects_ineligible_input(c, k, dtype, match, device):
+    _skip_without_descriptors(device)
+    x, weight, scale, shift = _inputs(1, c, k, 5, 5, 3, dtype, device)
     with pytest.raises(ValueError, match=match):
-        conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **TILE)
+        conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **TILES[device])
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 20, 9, 11, 3, True), (1, 3, 16, 8, 8, 3, False),
@@ -102,14 +108,12 @@ def test_descriptor_config_rejects_ineligible_input(make, match):
                                    (3, 8, 8, 1, 9, 3, False)],
                          ids=lambda s: "N{}C{}K{}H{}W{}R{}pool{}".format(*s))
 @pytest.mark.parametrize("block_k", [16, 32])
-def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs):
+def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs, device):
     """Programs looping over pointer tiles: with C=3 and BLOCK_K=32 the one-step flattened
     reduction that gathers the next tile ahead, else the plain loop. Every tile written once,
     each right."""
-    if DEVICE == "cpu" and not interpreting():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     n, c, k, h, w, r, pool = shape
-    x, weight, scale, shift = _inputs(n, c, k, h, w, r, torch.float16)
+    x, weight, scale, shift = _inputs(n, c, k, h, w, r, torch.float16, device)
     tile = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 1,
             "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": block_k}
     y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **tile)
@@ -119,33 +123,34 @@ def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs):
                        torch.float16)
 
 
-def test_descriptor_config_rejects_odd_tile_with_pool():
-    _skip_without_descriptors()
-    x, weight, scale, shift = _inputs(1, 32, 16, 6, 6, 3, torch.float16)
-    tile = {**TILE, "BLOCK_H": 1, "BLOCK_M": TILE["BLOCK_W"]}
+def test_descriptor_config_rejects_odd_tile_with_pool(device):
+    _skip_without_descriptors(device)
+    x, weight, scale, shift = _inputs(1, 32, 16, 6, 6, 3, torch.float16, device)
+    tile = {**TILES[device], "BLOCK_H": 1, "BLOCK_M": TILES[device]["BLOCK_W"]}
     with pytest.raises(ValueError, match="even with pool"):
         conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, True, **tile)
 
 
 def _eligible(x, weight, pool=False):
-    x, weight, _, _, y = conv_bn_relu._prepare(x, weight, torch.ones(weight.shape[0]),
-                                               torch.zeros(weight.shape[0]), pool)
+    k = weight.shape[0]
+    x, weight, _, _, y = conv_bn_relu._prepare(x, weight, torch.ones(k, device=x.device),
+                                               torch.zeros(k, device=x.device), pool)
     flat = x.shape[1] <= conv_bn_relu.FLAT_REDUCTION_MAX_CHANNELS and weight.shape[-1] > 1
     return conv_bn_relu._tma_ok(x, weight, y, flat)
 
 
-def test_eligibility_follows_layout_and_alignment():
-    _skip_without_descriptors()
-    x, weight, _, _ = _inputs(2, 64, 64, 6, 6, 3, torch.bfloat16)
+def test_eligibility_follows_layout_and_alignment(device):
+    _skip_without_descriptors(device)
+    x, weight, _, _ = _inputs(2, 64, 64, 6, 6, 3, torch.bfloat16, device)
     assert _eligible(x, weight)
     assert _eligible(x.contiguous(), weight)  # NCHW input is made channels_last first
     assert not _eligible(x.float(), weight.float())
     # a view starting 4 bytes into the storage cannot be a descriptor's base address
-    shifted = torch.empty(2 * 64 * 36 + 2, device=DEVICE, dtype=torch.bfloat16)[2:]
+    shifted = torch.empty(2 * 64 * 36 + 2, device=device, dtype=torch.bfloat16)[2:]
     shifted = shifted.as_strided(x.shape, (64 * 36, 1, 64 * 6, 64))
     assert not _eligible(shifted, weight)
     # 1x1 weights keep arbitrary strides on their size-1 dimensions; still eligible
-    assert _eligible(x, torch.randn(32, 64, 1, 1, device=DEVICE, dtype=torch.bfloat16))
+    assert _eligible(x, torch.randn(32, 64, 1, 1, device=device, dtype=torch.bfloat16))
 
 
 def test_pruning_offers_persistent_pointer_tiles_only_to_the_flat_reduction():
@@ -179,9 +184,9 @@ def test_pruning_mixes_descriptor_and_pointer_configs():
     assert all(c.kwargs["BLOCK_H"] <= 16 and c.kwargs["BLOCK_W"] <= 16 for c in small)
 
 
-def test_candidate_configs_offer_descriptors_where_eligible():
-    _skip_without_descriptors()
-    x, weight, _, _ = _inputs(2, 64, 64, 28, 28, 3, torch.bfloat16)
+def test_candidate_configs_offer_descriptors_where_eligible(device):
+    _skip_without_descriptors(device)
+    x, weight, _, _ = _inputs(2, 64, 64, 28, 28, 3, torch.bfloat16, device)
     candidates = conv_bn_relu.candidate_configs(x, weight, pool=True)
     assert 1 <= len(candidates) <= conv_bn_relu.MAX_CONFIGS_PER_SHAPE
     assert any(c.kwargs["USE_TMA"] for c in candidates)
