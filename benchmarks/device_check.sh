@@ -70,7 +70,7 @@ fi
 PARALLEL=()
 $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 if [ "$PART" != bench ]; then
-    step gpu-tests "${LIMIT_TESTS:-300}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
+    step gpu-tests "${LIMIT_TESTS:-360}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
         --junitxml="$OUT/gpu-tests.xml" tests
 fi
 
