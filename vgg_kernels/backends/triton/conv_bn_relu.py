@@ -1,9 +1,15 @@
 """Fused conv (3x3 pad 1 / 1x1) + folded BatchNorm + ReLU (+ 2x2/2 max-pool) inference kernel.
 
 Implicit GEMM over NHWC: rows are output pixels (M = N*H*W, or 4 * pooled pixels), columns are
-output channels (K), the reduction runs over taps x input channels (R*R*C). The A tile is gathered
-from the input with masks (zero padding comes from the mask), the B tile from the weights in
-(K, R, S, C) memory order (channels_last), so both loads are contiguous along the reduction.
+output channels (K), the reduction runs over taps x input channels (R*R*C). Two load paths, picked
+per config by the autotuner:
+
+- pointers (any GPU, the interpreter, every shape): the A tile is gathered from the input with
+  masks (zero padding comes from the mask), the B tile from the weights in (K, R, S, C) memory
+  order (channels_last), so both loads are contiguous along the reduction;
+- tensor descriptors (TMA; Hopper and newer, fp16/bf16, C and K multiples of 8): the M tile is a
+  spatial block of one image loaded per tap through a 4-D descriptor whose out-of-bounds zero
+  fill is the padding, in a persistent grid.
 """
 
 from __future__ import annotations
