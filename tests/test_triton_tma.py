@@ -192,3 +192,12 @@ def test_candidate_configs_offer_descriptors_where_eligible(device):
     assert any(c.kwargs["USE_TMA"] for c in candidates)
     fp32 = conv_bn_relu.candidate_configs(x.float(), weight.float(), pool=True)
     assert fp32 and not any(c.kwargs["USE_TMA"] for c in fp32)
+
+
+def test_triton_without_descriptors_keeps_to_pointers(device, monkeypatch):
+    """A Triton without device-side descriptors (or tl.range(flatten=...)) never gets them."""
+    _skip_without_descriptors(device)
+    monkeypatch.setattr(conv_bn_relu, "_HAS_DESCRIPTORS", False)
+    x, weight, _, _ = _inputs(2, 64, 64, 28, 28, 3, torch.bfloat16, device)
+    assert not _eligible(x, weight)
+    assert not any(c.kwargs["USE_TMA"] for c in conv_bn_relu.candidate_configs(x, weight, True))

@@ -14,6 +14,8 @@ per config by the autotuner:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -538,6 +540,18 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _triton_has_descriptors() -> bool:
+    """``tl.make_tensor_descriptor`` and ``tl.range(flatten=...)``, which the path uses."""
+    try:
+        return (hasattr(tl, "make_tensor_descriptor")
+                and "flatten" in inspect.signature(tl.range.__init__).parameters)
+    except (TypeError, ValueError):
+        return False
+
+
+_HAS_DESCRIPTORS = _triton_has_descriptors()
+
+
 def _strides(tensor: torch.Tensor) -> tuple[int, int, int, int]:
     """(N, C, H, W) strides, with those of size-1 dimensions (never stepped, and left arbitrary
     by ``contiguous``) replaced by the dense channels_last ones."""
@@ -549,10 +563,10 @@ def _strides(tensor: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, flat: bool) -> bool:
     """Whether the tensor-descriptor path can run: fp16/bf16 on Hopper or newer (or the
-    interpreter), a Triton with ``tl.make_tensor_descriptor``, unit channel strides and 16-byte
+    interpreter), a Triton with device-side descriptors, unit channel strides and 16-byte
     aligned strides and offsets (channels_last with C and K multiples of 8). Decided from sizes and
     strides only, so it is the same while torch.compile traces the op."""
-    if flat or x.element_size() != 2 or not hasattr(tl, "make_tensor_descriptor"):
+    if flat or x.element_size() != 2 or not _HAS_DESCRIPTORS:
         return False
     if x.device.type == "cuda":
         if torch.cuda.get_device_capability(x.device)[0] < 9:
