@@ -37,7 +37,8 @@ def _cuda_reason(index: int) -> str | None:
 
 
 class TritonBackend:
-    """Implicit-GEMM Triton kernels (vgg_kernels/backends/triton/conv_bn_relu.py)."""
+    """Implicit-GEMM Triton kernels (vgg_kernels/backends/triton/kernels.py, launched by
+    conv_bn_relu.py)."""
 
     name = "triton"
 

@@ -1,0 +1,67 @@
+"""What the Triton kernel compiles to for an H100/H200 (sm_90a), checked without a GPU: the
+descriptor path keeps both wgmma operands in the TMA shared-memory tiles, fits shared memory and
+does not spill. A change that sends an operand through registers, or a config that no longer
+fits, fails here instead of only showing up as a slower benchmark on a lent GPU.
+
+The compiles run in a subprocess without TRITON_INTERPRET (the CPU tests set it, which turns the
+kernels into interpreter functions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):
+    pytest.skip("ahead-of-time compiles of device-side descriptors need Triton 3.4+",
+                allow_module_level=True)
+
+from vgg_kernels.backends.triton import conv_bn_relu  # noqa: E402
+
+H100_SHARED_MEMORY = 227 * 1024  # per block, opt-in
+
+
+def _compile(indices: list[int], pool: bool) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "vgg_kernels.backends.triton.codegen", "--json",
+               "--select", ",".join(map(str, indices))]
+    if pool:
+        command.append("--pool")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = [row for row in rows if "error" in row]
+    assert not errors, errors
+    return rows
+
+
+@pytest.fixture(scope="module")
+def descriptor_rows() -> dict[bool, list[dict]]:
+    """The widest descriptor tile (128 pixels x 256 channels) with and without pooling, and
+    every 64-channel descriptor tile (the largest pipelines)."""
+    configs = conv_bn_relu._autotune_configs()
+    widest = [i for i, c in enumerate(configs)
+              if c.kwargs["USE_TMA"] and c.kwargs["BLOCK_N"] == 256][:1]
+    narrow = [i for i, c in enumerate(configs)
+              if c.kwargs["USE_TMA"] and c.kwargs["BLOCK_N"] == 64]
+    return {False: _compile(widest + narrow, pool=False), True: _compile(widest, pool=True)}
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_descriptor_path_feeds_wgmma_from_tma_tiles(descriptor_rows, pool):
+    for row in descriptor_rows[pool]:
+        assert row["tma_loads"] > 0 and row["tma_stores"] > 0 and row["cp_async"] == 0, row
+        assert row["wgmma"] >= 1, row
+        assert row["shared_to_register"] == 0, f"an MMA operand goes through registers: {row}"
+        assert row["spill_bytes"] in (0, None), row
+
+
+def test_descriptor_configs_fit_shared_memory(descriptor_rows):
+    """The pruner's estimate keeps these configs; the compiled kernels must agree."""
+    for row in descriptor_rows[False] + descriptor_rows[True]:
+        assert row["shared_bytes"] <= H100_SHARED_MEMORY, row

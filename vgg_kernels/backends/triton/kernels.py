@@ -1,0 +1,359 @@
+"""The Triton kernels of the fused conv + folded BN + ReLU (+ 2x2/2 max-pool) inference op: the
+``@triton.jit`` functions only, no torch, so that ``codegen`` can compile a fresh copy of them
+for a GPU target while the interpreter is on. Launch, configs and autotuning live in
+``conv_bn_relu.py``, whose docstring describes the two load paths.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
+    """Folded BN (per output channel scale and shift) and ReLU on an fp32 tile."""
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    return tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+
+
+@triton.jit
+def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Conv output positions (image n as int64, oh, ow) and validity of pointer tile ``pid_m``'s
+    BLOCK_M rows: output pixels in N, H, W order; with POOL, BLOCK_M // 4 pooled pixels, row
+    group ``p = row // (BLOCK_M // 4)`` holding window position (p // 2, p % 2)."""
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    if POOL:
+        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows % ROWS_OUT
+    else:
+        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows
+    row_ok = out_pixel < M_TOTAL
+    n = out_pixel // (HO * WO)
+    rem = (out_pixel % (HO * WO)).to(tl.int32)
+    oh = rem // WO
+    ow = rem % WO
+    if POOL:
+        window = rows // ROWS_OUT
+        oh = oh * 2 + window // 2
+        ow = ow * 2 + window % 2
+    return n, oh, ow, row_ok
+
+
+@triton.jit
+def _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
+                 q0, R: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns q0 .. q0 + BLOCK_K of the flattened reduction, q = (r * R + s) * C + c with
+    C = FLAT_K a compile-time constant, so the split of q is constant per column."""
+    PAD: tl.constexpr = R // 2
+    q = q0 + tl.arange(0, BLOCK_K)
+    q_ok = q < R * R * FLAT_K
+    tap = q // FLAT_K
+    c = q % FLAT_K
+    ih = oh[:, None] + (tap // R)[None, :] - PAD
+    iw = ow[:, None] + (tap % R)[None, :] - PAD
+    mask = row_ok[:, None] & q_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # int64 image offset; in-image offsets fit in int32
+    ptrs = (x_ptr + n[:, None] * stride_xn) + ih * stride_xh + iw * stride_xw \
+        + c[None, :] * stride_xc
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, q0,
+                  R: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows q0 .. q0 + BLOCK_K of the flattened reduction of the weights, by output channel."""
+    q = q0 + tl.arange(0, BLOCK_K)
+    q_ok = q < R * R * FLAT_K
+    tap = q // FLAT_K
+    offsets = (q % FLAT_K) * stride_wc + (tap // R) * stride_wr + (tap % R) * stride_ws
+    w_col = w_ptr + cols.to(tl.int64) * stride_wk
+    return tl.load(w_col[None, :] + offsets[:, None], mask=q_ok[:, None] & col_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
+                stride_yn, stride_yc, stride_yh, stride_yw,
+                POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store pointer tile ``pid_m`` (rows as in ``_tile_rows``), max-pooled first with POOL."""
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    if POOL:
+        # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
+        acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
+        pixel = pid_m.to(tl.int64) * ROWS_OUT + tl.arange(0, ROWS_OUT)
+        pixel_ok = pixel < M_TOTAL
+        yn = pixel // (HO * WO)
+        yrem = (pixel % (HO * WO)).to(tl.int32)
+        yh = yrem // WO
+        yw = yrem % WO
+    else:
+        pixel_ok = row_ok
+        yn = n
+        yh = oh
+        yw = ow
+    y_ptrs = (y_ptr + yn[:, None] * stride_yn + (yh * stride_yh + yw * stride_yw)[:, None]
+              + cols[None, :] * stride_yc)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=pixel_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _pointer_tile(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    C, H, W, K, HO, WO, M_TOTAL,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    pid_m, pid_n,
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile ``pid_m`` of BLOCK_M rows (see ``_tile_rows``) by BLOCK_N output channels, loaded
+    through masked pointer gathers. FLAT_K is 0 (one reduction step per tap and channel block)
+    or C, then a compile-time constant: the R*R*C reduction is flattened into BLOCK_K-wide
+    steps."""
+    PAD: tl.constexpr = R // 2
+    n, oh, ow, row_ok = _tile_rows(pid_m, M_TOTAL, HO, WO, POOL, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        for q0 in tl.static_range(0, R * R * FLAT_K, BLOCK_K):  # one step for C=3
+            a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh,
+                             stride_xw, q0, R, FLAT_K, BLOCK_K)
+            b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws,
+                              q0, R, FLAT_K, BLOCK_K)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        x_row = x_ptr + n * stride_xn  # int64 image offset; in-image offsets fit in int32
+        w_col = w_ptr + cols.to(tl.int64) * stride_wk
+        offs_k = tl.arange(0, BLOCK_K)
+        # one loop over (tap, channel block) so the pipeliner overlaps loads across taps
+        num_c = tl.cdiv(C, BLOCK_K)
+        for t in range(0, R * R * num_c):
+            tap = t // num_c
+            c = (t % num_c) * BLOCK_K + offs_k
+            r = tap // R
+            s = tap % R
+            ih = oh + r - PAD
+            iw = ow + s - PAD
+            pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_row[:, None] + (ih * stride_xh + iw * stride_xw)[:, None] \
+                + c[None, :] * stride_xc
+            b_ptrs = w_col[None, :] + (c * stride_wc)[:, None] + (r * stride_wr + s * stride_ws)
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=pix_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                c_ok = c < C
+                a = tl.load(a_ptrs, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
+    _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
+                stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _flat_persistent_tiles(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    H, W, K, HO, WO, M_TOTAL,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Pointer tiles p, p + P, ... of a one-step flattened reduction (R*R*C <= BLOCK_K: the
+    3-channel first layer), with the next tile's input gather issued before this tile's
+    product and store, so its latency hides behind them (the gathers are 2-byte loads, which
+    cp.async cannot pipeline)."""
+    ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+    num_n = tl.cdiv(K, BLOCK_N)
+    num_tiles = tl.cdiv(M_TOTAL, ROWS_OUT) * num_n
+    step = tl.num_programs(0)
+    first = tl.program_id(0)
+    n, oh, ow, row_ok = _tile_rows(first // num_n, M_TOTAL, HO, WO, POOL, BLOCK_M)
+    a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
+                     0, R, FLAT_K, BLOCK_K)
+    for tile_id in range(first, num_tiles, step):
+        # the next tile's rows (all masked past the last tile) and gather, issued first
+        n2, oh2, ow2, ok2 = _tile_rows((tile_id + step) // num_n, M_TOTAL, HO, WO, POOL,
+                                       BLOCK_M)
+        a_next = _flat_gather(x_ptr, n2, oh2, ow2, ok2, H, W, stride_xn, stride_xc, stride_xh,
+                              stride_xw, 0, R, FLAT_K, BLOCK_K)
+        cols = (tile_id % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, 0,
+                          R, FLAT_K, BLOCK_K)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
+        acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
+        _store_rows(acc, y_ptr, tile_id // num_n, n, oh, ow, row_ok, cols, col_ok, M_TOTAL,
+                    HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N)
+        a = a_next
+        n = n2
+        oh = oh2
+        ow = ow2
+        row_ok = ok2
+
+
+@triton.jit
+def _tma_tiles(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    N, C, H, W, K, HO, WO,
+    stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
+    R: tl.constexpr, POOL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLATTEN: tl.constexpr,
+):
+    """Tiles (image, BLOCK_H x BLOCK_W block of conv output positions, BLOCK_N output channels)
+    loaded through tensor descriptors (TMA on Hopper and newer). Program p computes tiles p,
+    p + P, p + 2P, ... for a grid of P programs: one tile each when the grid covers every tile,
+    several in a persistent grid, which builds its descriptors once. FLATTEN fuses the tile loop
+    with the reduction loop into one software-pipelined loop, so the next tile's first loads are
+    in flight during this tile's last steps and its epilogue (for one program per SM, where no
+    other program fills that gap).
+
+    Each (tap, channel block) step loads the input window shifted by the tap: the descriptor's
+    out-of-bounds zero fill is the convolution's zero padding (negative coordinates included), so
+    the loop has no index arithmetic and no masks. BLOCK_K divides C, so a weight tile never
+    crosses into the next tap; weight rows past K load as zeros. The store clips the tile at the
+    output's edges, which also gives MaxPool2d's floor for odd H and W.
+    """
+    PAD: tl.constexpr = R // 2
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    # x: (N, H, W, C), w: (K, R*R*C), y: (N, HO, WO, K), all with unit channel stride
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
+                                       strides=[stride_xn, stride_xh, stride_xw, 1],
+                                       block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, R * R * C], strides=[R * R * C, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    if POOL:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
+                                           strides=[stride_yn, stride_yh, stride_yw, 1],
+                                           block_shape=[1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N])
+    else:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
+                                           strides=[stride_yn, stride_yh, stride_yw, 1],
+                                           block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_N])
+    rows_conv = 2 * HO if POOL else H  # conv output rows (columns) the output needs
+    tiles_w = tl.cdiv(2 * WO if POOL else W, BLOCK_W)
+    tiles_per_image = tl.cdiv(rows_conv, BLOCK_H) * tiles_w
+    num_n = tl.cdiv(K, BLOCK_N)
+    num_c = tl.cdiv(C, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), N * tiles_per_image * num_n, tl.num_programs(0),
+                            flatten=FLATTEN):
+        # Tiles that share an input block run next to each other: it is read from L2.
+        pid_m = tile_id // num_n
+        image = pid_m // tiles_per_image
+        tile = pid_m % tiles_per_image
+        h0 = (tile // tiles_w) * BLOCK_H
+        w0 = (tile % tiles_w) * BLOCK_W
+        n0 = (tile_id % num_n) * BLOCK_N
+
+        # The product is computed transposed, (channels x pixels) = w @ x^T, so that both
+        # operands feed the tensor cores straight from the descriptors' shared-memory tiles.
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for t in range(0, R * R * num_c):
+            tap = t // num_c
+            c0 = (t % num_c) * BLOCK_K
+            a = x_desc.load([image, h0 + tap // R - PAD, w0 + tap % R - PAD, c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            b = w_desc.load([n0, tap * C + c0])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(b, tl.trans(a), acc, input_precision=INPUT_PRECISION)
+
+        acc = tl.trans(acc)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, cols < K)
+        if POOL:
+            # rows are (h, w) in the tile, row-major: max over the 2x2 windows
+            acc = tl.reshape(acc, (BLOCK_H // 2, 2, BLOCK_W // 2, 2, BLOCK_N))
+            acc = tl.max(tl.max(acc, axis=3), axis=1)
+            out = tl.reshape(acc.to(y_ptr.dtype.element_ty),
+                             (1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N))
+            y_desc.store([image, h0 // 2, w0 // 2, n0], out)
+        else:
+            out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H, BLOCK_W, BLOCK_N))
+            y_desc.store([image, h0, w0, n0], out)
+
+
+@triton.jit
+def conv_bn_relu_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    # sizes
+    N, C, H, W, K, HO, WO, M_TOTAL,
+    # strides (elements)
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    # meta-parameters
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M rows x BLOCK_N output channels) tile of
+    ``y = maxpool2x2?(relu(conv(x, w) * scale + shift))``.
+
+    x: (N, C, H, W) by strides (channels_last: stride_xc == 1); w: (K, C, R, R) by strides
+    (channels_last: stride_wc == 1); scale, shift: fp32 (K,); y: (N, K, HO, WO) by strides.
+    M_TOTAL counts output (pooled) pixels. Padding is R // 2 on every side.
+    USE_TMA (only with TMA_OK: channels_last x, w and y with 16-byte aligned strides) loads
+    BLOCK_H x BLOCK_W spatial tiles through tensor descriptors; otherwise rows are gathered
+    through masked pointers. PROGRAMS_PER_SM > 0 makes the grid persistent (that many programs
+    per SM, sized in ``_launch``, each looping over tiles); 0 runs one program per tile.
+    """
+    if USE_TMA:
+        tl.static_assert(TMA_OK, "USE_TMA needs TMA_OK")
+        tl.static_assert(BLOCK_M == BLOCK_H * BLOCK_W, "BLOCK_M must be BLOCK_H * BLOCK_W")
+        _tma_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, N, C, H, W, K, HO, WO,
+                   stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
+                   R, POOL, INPUT_PRECISION, UPCAST, BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K,
+                   PROGRAMS_PER_SM == 1)
+    else:
+        num_n = tl.cdiv(K, BLOCK_N)
+        # Programs that share an M tile run next to each other: the input tile is read from L2.
+        # A persistent grid (PROGRAMS_PER_SM > 0) walks tiles p, p + P, ...; with a one-step
+        # flattened reduction each program gathers the next tile's input ahead of time.
+        if PROGRAMS_PER_SM > 0 and FLAT_K and R * R * FLAT_K <= BLOCK_K:
+            _flat_persistent_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, H, W, K, HO, WO,
+                                   M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
+                                   stride_wk, stride_wc, stride_wr, stride_ws,
+                                   stride_yn, stride_yc, stride_yh, stride_yw,
+                                   R, POOL, FLAT_K, INPUT_PRECISION, UPCAST,
+                                   BLOCK_M, BLOCK_N, BLOCK_K)
+        elif PROGRAMS_PER_SM > 0:
+            rows_out: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
+            num_tiles = tl.cdiv(M_TOTAL, rows_out) * num_n
+            for tile_id in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO,
+                              M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
+                              stride_wk, stride_wc, stride_wr, stride_ws,
+                              stride_yn, stride_yc, stride_yh, stride_yw,
+                              tile_id // num_n, tile_id % num_n, R, POOL, FLAT_K, EVEN_C,
+                              INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            pid = tl.program_id(0)
+            _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
+                          stride_xn, stride_xc, stride_xh, stride_xw,
+                          stride_wk, stride_wc, stride_wr, stride_ws,
+                          stride_yn, stride_yc, stride_yh, stride_yw,
+                          pid // num_n, pid % num_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION,
+                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
