@@ -59,7 +59,7 @@ def compile_config(config: triton.Config, *, dtype: str = "bf16", r: int = 3, po
     constexprs = {
         "R": r, "POOL": pool, "FLAT_K": flat_channels, "EVEN_C": not flat_channels,
         "INPUT_PRECISION": "ieee", "UPCAST": False,
-        "TMA_OK": bool(config.kwargs["USE_TMA"]), "stride_xc": 1, "stride_wc": 1,
+        "TMA_OK": bool(config.kwargs["USE_TMA"]), "stride_xc": 1, "stride_wc": 1, "stride_yc": 1,
         **config.kwargs,
     }
     signature = {}
