@@ -201,3 +201,12 @@ def test_triton_without_descriptors_keeps_to_pointers(device, monkeypatch):
     x, weight, _, _ = _inputs(2, 64, 64, 28, 28, 3, torch.bfloat16, device)
     assert not _eligible(x, weight)
     assert not any(c.kwargs["USE_TMA"] for c in conv_bn_relu.candidate_configs(x, weight, True))
+
+
+def test_switch_keeps_to_pointers(device, monkeypatch):
+    """VGG_KERNELS_TRITON_TMA=0 turns the descriptor path off (read at each call)."""
+    _skip_without_descriptors(device)
+    x, weight, _, _ = _inputs(2, 64, 64, 28, 28, 3, torch.bfloat16, device)
+    assert _eligible(x, weight)
+    monkeypatch.setenv("VGG_KERNELS_TRITON_TMA", "0")
+    assert not _eligible(x, weight)

@@ -73,7 +73,7 @@ def git_commit() -> tuple[str | None, bool | None]:
     return commit, bool(status) if status is not None else None
 
 
-_SWITCHES = ("VGG_KERNELS_BACKEND", "VGG_KERNELS_NATIVE_WGMMA")
+_SWITCHES = ("VGG_KERNELS_BACKEND", "VGG_KERNELS_NATIVE_WGMMA", "VGG_KERNELS_TRITON_TMA")
 
 
 def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command_line": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "vgg_kernels.bench",
                                     *argv]),
-        # kernel switches that change what a backend runs (VGG_KERNELS_BACKEND, ..._NATIVE_WGMMA)
+        # kernel switches that change what a backend runs (VGG_KERNELS_BACKEND, ...)
         "switches": {name: value for name, value in sorted(os.environ.items())
                      if name in _SWITCHES},
     }

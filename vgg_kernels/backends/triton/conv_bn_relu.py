@@ -15,6 +15,7 @@ per config by the autotuner:
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import triton
@@ -214,11 +215,14 @@ def _strides(tensor: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, flat: bool) -> bool:
-    """Whether the tensor-descriptor path can run: fp16/bf16 on Hopper or newer (or the
-    interpreter), a Triton with device-side descriptors, unit channel strides and 16-byte
+    """Whether the tensor-descriptor path can run: not switched off (VGG_KERNELS_TRITON_TMA=0),
+    fp16/bf16 on Hopper or newer (or the interpreter), a Triton with device-side descriptors,
+    unit channel strides and 16-byte
     aligned strides and offsets (channels_last with C and K multiples of 8). Decided from sizes and
     strides only, so it is the same while torch.compile traces the op."""
     if flat or x.element_size() != 2 or not _HAS_DESCRIPTORS:
+        return False
+    if os.environ.get("VGG_KERNELS_TRITON_TMA", "1") == "0":  # the switch to pointers only
         return False
     if x.device.type == "cuda":
         if torch.cuda.get_device_capability(x.device)[0] < 9:
