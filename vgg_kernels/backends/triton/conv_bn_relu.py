@@ -281,6 +281,11 @@ def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
         raise ValueError(f"config BLOCK_H and BLOCK_W must be even with pool (got {bh}, {bw})")
 
 
+def _flat_channels(c: int, r: int) -> int:
+    """FLAT_K for a layer: C when its reduction is flattened (few channels, 3x3), else 0."""
+    return c if c <= FLAT_REDUCTION_MAX_CHANNELS and r > 1 else 0
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             pool: bool, y: torch.Tensor, launcher, config: dict | None = None) -> None:
     """Launch over all of y; ``config`` (USE_TMA, BLOCK_*, num_warps, num_stages) bypasses
@@ -292,11 +297,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     if max(c * h * w, k * h * w) >= 2**31:
         raise ValueError(f"x must have fewer than 2**31 elements per image (got C*H*W = "
                          f"{c * h * w}, K*H*W = {k * h * w})")
-    flat = c <= FLAT_REDUCTION_MAX_CHANNELS and r > 1
+    flat = _flat_channels(c, r)
     interp = interpreting()
-    tma_ok = _tma_ok(x, weight, y, flat)
+    tma_ok = _tma_ok(x, weight, y, bool(flat))
     meta = dict(
-        R=r, POOL=pool, FLAT_K=c if flat else 0, EVEN_C=False,
+        R=r, POOL=pool, FLAT_K=flat, EVEN_C=False,
         INPUT_PRECISION=_input_precision(x.dtype),
         UPCAST=interp and x.dtype == torch.bfloat16, TMA_OK=tma_ok,
     )
@@ -359,10 +364,10 @@ def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list
     x, weight, _, _, y = _prepare(x, weight, x.new_ones(k, dtype=torch.float32),
                                   x.new_zeros(k, dtype=torch.float32), pool)
     _, c, h, w = x.shape
-    flat = c <= FLAT_REDUCTION_MAX_CHANNELS and weight.shape[-1] > 1
+    flat = _flat_channels(c, weight.shape[-1])
     args = {"x_ptr": x, "C": c, "K": k, "H": h, "W": w}
-    return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=c if flat else 0,
-                          TMA_OK=_tma_ok(x, weight, y, flat))
+    return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=flat,
+                          TMA_OK=_tma_ok(x, weight, y, bool(flat)))
 
 
 def _direct(kernel):

@@ -234,20 +234,17 @@ def _tma_tiles(
     """
     PAD: tl.constexpr = R // 2
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    OUT_H: tl.constexpr = BLOCK_H // 2 if POOL else BLOCK_H  # output tile, pooled or not
+    OUT_W: tl.constexpr = BLOCK_W // 2 if POOL else BLOCK_W
     # x: (N, H, W, C), w: (K, R*R*C), y: (N, HO, WO, K), all with unit channel stride
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, C],
                                        strides=[stride_xn, stride_xh, stride_xw, 1],
                                        block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, R * R * C], strides=[R * R * C, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
-    if POOL:
-        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
-                                           strides=[stride_yn, stride_yh, stride_yw, 1],
-                                           block_shape=[1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N])
-    else:
-        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
-                                           strides=[stride_yn, stride_yh, stride_yw, 1],
-                                           block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_N])
+    y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
+                                       strides=[stride_yn, stride_yh, stride_yw, 1],
+                                       block_shape=[1, OUT_H, OUT_W, BLOCK_N])
     rows_conv = 2 * HO if POOL else H  # conv output rows (columns) the output needs
     tiles_w = tl.cdiv(2 * WO if POOL else W, BLOCK_W)
     tiles_per_image = tl.cdiv(rows_conv, BLOCK_H) * tiles_w
@@ -282,14 +279,10 @@ def _tma_tiles(
         acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, cols < K)
         if POOL:
             # rows are (h, w) in the tile, row-major: max over the 2x2 windows
-            acc = tl.reshape(acc, (BLOCK_H // 2, 2, BLOCK_W // 2, 2, BLOCK_N))
+            acc = tl.reshape(acc, (OUT_H, 2, OUT_W, 2, BLOCK_N))
             acc = tl.max(tl.max(acc, axis=3), axis=1)
-            out = tl.reshape(acc.to(y_ptr.dtype.element_ty),
-                             (1, BLOCK_H // 2, BLOCK_W // 2, BLOCK_N))
-            y_desc.store([image, h0 // 2, w0 // 2, n0], out)
-        else:
-            out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, BLOCK_H, BLOCK_W, BLOCK_N))
-            y_desc.store([image, h0, w0, n0], out)
+        out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (1, OUT_H, OUT_W, BLOCK_N))
+        y_desc.store([image, h0 * OUT_H // BLOCK_H, w0 * OUT_W // BLOCK_W, n0], out)
 
 
 @triton.jit
