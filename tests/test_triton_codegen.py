@@ -42,14 +42,19 @@ def _compile(indices: list[int], pool: bool) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def descriptor_rows() -> dict[bool, list[dict]]:
-    """The widest descriptor tile (128 pixels x 256 channels) with and without pooling, and
-    every 64-channel descriptor tile (the largest pipelines)."""
+    """The widest descriptor tile (128 pixels x 256 channels) and the first tile of several
+    images, with and without pooling, and every 64-channel descriptor tile (the largest
+    pipelines)."""
     configs = conv_bn_relu._autotune_configs()
     widest = [i for i, c in enumerate(configs)
               if c.kwargs["USE_TMA"] and c.kwargs["BLOCK_N"] == 256][:1]
+    images = [i for i, c in enumerate(configs)
+              if c.kwargs["USE_TMA"] and conv_bn_relu.tile_images(c.kwargs) > 1][:1]
     narrow = [i for i, c in enumerate(configs)
               if c.kwargs["USE_TMA"] and c.kwargs["BLOCK_N"] == 64]
-    return {False: _compile(widest + narrow, pool=False), True: _compile(widest, pool=True)}
+    assert widest and images and narrow
+    return {False: _compile(widest + images + narrow, pool=False),
+            True: _compile(widest + images, pool=True)}
 
 
 @pytest.mark.parametrize("pool", [False, True])

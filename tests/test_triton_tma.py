@@ -29,7 +29,8 @@ def device(request) -> str:
     return request.param
 
 # (N, C, K, H, W, R, pool): C a multiple of BLOCK_K, K of 8 (16-byte rows); H and W odd or
-# smaller than a tile, batch 1 and 3, K not a multiple of BLOCK_N.
+# smaller than a tile, batch 1, 3 and 5 (odd numbers of images for tiles of two), K not a
+# multiple of BLOCK_N.
 TMA_SHAPES = [
     (2, 32, 40, 7, 9, 3, True),
     (1, 32, 16, 5, 6, 3, False),
@@ -39,6 +40,7 @@ TMA_SHAPES = [
     (1, 48, 8, 3, 3, 3, True),
     (2, 64, 72, 17, 5, 3, True),
     (1, 16 * 3, 8, 2, 19, 1, True),
+    (5, 32, 16, 3, 5, 3, True),
 ]
 TMA_SHAPE_IDS = ["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in TMA_SHAPES]
 
@@ -62,14 +64,21 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(conv_bn_relu, "POISON_OUTPUTS", True)
 
 
-@pytest.mark.parametrize("programs_per_sm", [1, 0], ids=["persistent", "tile-per-program"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("images, dtype, programs_per_sm", [
+    (1, torch.float16, 1), (1, torch.bfloat16, 1), (1, torch.float16, 0),
+    (1, torch.bfloat16, 0), (2, torch.float16, 1), (2, torch.bfloat16, 0),
+], ids=["fp16-persistent", "bf16-persistent", "fp16-tile-per-program",
+        "bf16-tile-per-program", "fp16-persistent-2-images", "bf16-tile-per-program-2-images"])
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=TMA_SHAPE_IDS)
-def test_descriptor_path_matches_oracle(shape, dtype, programs_per_sm, poison_outputs, device):
+def test_descriptor_path_matches_oracle(shape, images, dtype, programs_per_sm, poison_outputs,
+                                        device):
+    """Tiles of one image, and of two (batch 1 leaves the second out of bounds, batches 3 and 5
+    half of the last tile)."""
     _skip_without_descriptors(device)
     n, c, k, h, w, r, pool = shape
     x, weight, scale, shift = _inputs(n, c, k, h, w, r, dtype, device)
     tile = {**TILES[device], "PROGRAMS_PER_SM": programs_per_sm}
+    tile["BLOCK_M"] *= images
     y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **tile)
     oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
                                           shift.double(), pool)
@@ -168,20 +177,36 @@ def test_pruning_offers_persistent_pointer_tiles_only_to_the_flat_reduction():
 def test_pruning_mixes_descriptor_and_pointer_configs():
     configs = conv_bn_relu._autotune_configs()
     bf16 = torch.empty(1, dtype=torch.bfloat16)
-    args = {"x_ptr": bf16, "C": 256, "K": 256, "H": 56, "W": 56}
+    args = {"x_ptr": bf16, "N": 64, "C": 256, "K": 256, "H": 56, "W": 56}
     kept = conv_bn_relu._prune_configs(configs, args, R=3, FLAT_K=0, TMA_OK=True)
     tma = [c for c in kept if c.kwargs["USE_TMA"]]
     assert len(kept) <= conv_bn_relu.MAX_CONFIGS_PER_SHAPE
     assert 1 <= len(tma) <= conv_bn_relu.MAX_TMA_CONFIGS_PER_SHAPE < len(kept)
     for config in tma:
         assert 256 % config.kwargs["BLOCK_K"] == 0
-        assert config.kwargs["BLOCK_M"] == config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"]
+        assert config.kwargs["BLOCK_M"] % (config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"]) == 0
     assert not any(c.kwargs["USE_TMA"] for c in conv_bn_relu._prune_configs(
         configs, args, R=3, FLAT_K=0, TMA_OK=False))
     # 14x14 images: no tile wider or taller than 16
     small = conv_bn_relu._prune_configs(configs, {**args, "H": 14, "W": 14}, R=3, FLAT_K=0,
                                         TMA_OK=True)
     assert all(c.kwargs["BLOCK_H"] <= 16 and c.kwargs["BLOCK_W"] <= 16 for c in small)
+
+
+@pytest.mark.parametrize("n, h, tile", [(64, 14, (4, 2, 16)), (64, 56, (2, 8, 8)),
+                                        (64, 28, (1, 4, 32)), (1, 14, (1, 8, 16))])
+def test_pruning_ranks_descriptor_tiles_by_image_coverage(n, h, tile):
+    """Small images get tiles of several images, as many as the batch has."""
+    configs = conv_bn_relu._autotune_configs()
+    args = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "N": n, "C": 512, "K": 512, "H": h,
+            "W": h}
+    kept = conv_bn_relu._prune_configs(configs, args, R=3, FLAT_K=0, TMA_OK=True)
+    tma = [c.kwargs for c in kept if c.kwargs["USE_TMA"]]
+    best = tma[0]
+    assert (conv_bn_relu.tile_images(best), best["BLOCK_H"], best["BLOCK_W"]) == tile
+    coverage = [conv_bn_relu._tile_coverage(n, h, h, config) for config in tma]
+    assert coverage == sorted(coverage, reverse=True)
+    assert all(conv_bn_relu.tile_images(config) <= n for config in tma)
 
 
 def test_candidate_configs_offer_descriptors_where_eligible(device):

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vgg_kernels.backends.triton import interpreting, kernels
-from vgg_kernels.backends.triton.conv_bn_relu import _autotune_configs
+from vgg_kernels.backends.triton.conv_bn_relu import _autotune_configs, tile_images
 
 _POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 # Arguments a VGG layer's launch specialises as multiples of 16 (pointers, C, K, strides).
@@ -116,7 +116,8 @@ def report(compiled) -> CodegenReport:
 def _describe(config: triton.Config) -> str:
     k = config.kwargs
     if k["USE_TMA"]:
-        tile = f"tma {k['BLOCK_H']}x{k['BLOCK_W']}"
+        images = tile_images(k)
+        tile = f"tma {f'{images}x' if images > 1 else ''}{k['BLOCK_H']}x{k['BLOCK_W']}"
     else:
         tile = f"ptr {k['BLOCK_M']}"
     return (f"{tile}/{k['BLOCK_N']}/{k['BLOCK_K']} w{config.num_warps} s{config.num_stages} "

@@ -42,16 +42,20 @@ _CONFIG_SHAPES = [
     (256, 64, 64, 8, 3), (256, 64, 32, 8, 4), (128, 64, 32, 4, 4), (128, 64, 64, 4, 4),
     (64, 64, 32, 4, 4),
 ]
-# Tensor-descriptor (TMA) configs for Hopper and newer: (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K,
-# num_warps, num_stages, PROGRAMS_PER_SM). The M tile is a BLOCK_H x BLOCK_W block of one image,
-# so a tile that overhangs the image computes wasted rows: _prune_configs prefers the tiles that
-# cover the image best (4x32 covers 28x28 images at 87.5%, 8x16 and 16x16 at 77%). The grid is
+# Tensor-descriptor (TMA) configs for Hopper and newer: (images, BLOCK_H, BLOCK_W, BLOCK_N,
+# BLOCK_K, num_warps, num_stages, PROGRAMS_PER_SM). The M tile is a BLOCK_H x BLOCK_W block of
+# each of `images` consecutive images (BLOCK_M = images * BLOCK_H * BLOCK_W), so a tile that
+# overhangs the image computes wasted rows: _prune_configs prefers the tiles that cover the
+# images best (28x28: 4x32 at 87.5%, 8x16 at 77%; 14x14: 4 images of 2x16 at 87.5%, 8x16 at
+# 77%; 56x56: 2 images of 8x8 at 100%, 8x16 at 87.5%). The grid is
 # persistent, PROGRAMS_PER_SM programs per SM (2 where two fit in shared memory, so one's
 # epilogue overlaps the other's main loop), 0 for one program per tile.
 _TMA_CONFIG_SHAPES = [
-    (8, 16, 256, 64, 8, 3, 1), (16, 16, 128, 64, 8, 3, 1), (4, 32, 256, 64, 8, 3, 1),
-    (8, 32, 128, 64, 8, 3, 1), (8, 16, 128, 32, 4, 4, 2), (4, 32, 128, 32, 4, 4, 2),
-    (16, 16, 64, 64, 8, 4, 1), (8, 16, 64, 64, 4, 3, 2), (4, 32, 64, 64, 4, 3, 2),
+    (1, 8, 16, 256, 64, 8, 3, 1), (1, 16, 16, 128, 64, 8, 3, 1), (1, 4, 32, 256, 64, 8, 3, 1),
+    (1, 8, 32, 128, 64, 8, 3, 1), (1, 8, 16, 128, 32, 4, 4, 2), (1, 4, 32, 128, 32, 4, 4, 2),
+    (1, 16, 16, 64, 64, 8, 4, 1), (1, 8, 16, 64, 64, 4, 3, 2), (1, 4, 32, 64, 64, 4, 3, 2),
+    (4, 2, 16, 256, 64, 8, 3, 1), (4, 2, 16, 128, 32, 4, 4, 2),
+    (2, 8, 8, 256, 64, 8, 3, 1), (2, 8, 8, 128, 32, 4, 4, 2),
 ]
 # Persistent pointer configs for the flattened reduction (the 3-channel first layer), same
 # fields as _CONFIG_SHAPES plus PROGRAMS_PER_SM: its one-step reduction leaves nothing to
@@ -86,9 +90,9 @@ def _autotune_configs() -> list[triton.Config]:
     ]
     configs += [
         triton.Config({"USE_TMA": True, "BLOCK_H": bh, "BLOCK_W": bw, "PROGRAMS_PER_SM": p,
-                       "BLOCK_M": bh * bw, "BLOCK_N": n, "BLOCK_K": k},
+                       "BLOCK_M": i * bh * bw, "BLOCK_N": n, "BLOCK_K": k},
                       num_warps=w, num_stages=s)
-        for bh, bw, n, k, w, s, p in _TMA_CONFIG_SHAPES
+        for i, bh, bw, n, k, w, s, p in _TMA_CONFIG_SHAPES
     ]
     return configs
 
@@ -100,9 +104,16 @@ def _shared_memory_limit() -> int:
     return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
 
 
-def _tile_coverage(h: int, w: int, block_h: int, block_w: int) -> float:
-    """Fraction of a spatial tile grid's rows that are image pixels."""
-    return h * w / (triton.cdiv(h, block_h) * block_h * triton.cdiv(w, block_w) * block_w)
+def tile_images(config: dict) -> int:
+    """Images per descriptor tile: BLOCK_M // (BLOCK_H * BLOCK_W)."""
+    return config["BLOCK_M"] // (config["BLOCK_H"] * config["BLOCK_W"])
+
+
+def _tile_coverage(n: int, h: int, w: int, config: dict) -> float:
+    """Fraction of a descriptor tile grid's rows that are image pixels."""
+    i, bh, bw = tile_images(config), config["BLOCK_H"], config["BLOCK_W"]
+    padded = triton.cdiv(n, i) * i * triton.cdiv(h, bh) * bh * triton.cdiv(w, bw) * bw
+    return n * h * w / padded
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -112,7 +123,7 @@ def _prune_configs(configs, named_args, **kwargs):
     BLOCK_K at most the (padded) reduction; BLOCK_N at most K rounded up (no half-empty tiles)
     and, for K >= 256, at least 128 (narrow tiles re-read the input tile once per column block).
     Descriptor tiles: BLOCK_K divides C (a weight tile stays inside one tap), BLOCK_H and BLOCK_W
-    at most the (padded) image, one swizzled row per load.
+    at most the (padded) image, images per tile at most N, one swizzled row per load.
     """
     args = {**named_args, **kwargs}
     reduction = args["C"] * (args["R"] ** 2 if args["FLAT_K"] else 1)
@@ -138,12 +149,12 @@ def _prune_configs(configs, named_args, **kwargs):
         if not args.get("TMA_OK", False) or bk * element > _TMA_MAX_ROW_BYTES or args["C"] % bk:
             continue
         if (config.kwargs["BLOCK_H"] > max(8, triton.next_power_of_2(args["H"]))
-                or config.kwargs["BLOCK_W"] > max(8, triton.next_power_of_2(args["W"]))):
+                or config.kwargs["BLOCK_W"] > max(8, triton.next_power_of_2(args["W"]))
+                or tile_images(config.kwargs) > args["N"]):
             continue
         tma.append(config)
     # best image coverage first; the list order breaks ties
-    tma.sort(key=lambda config: -_tile_coverage(args["H"], args["W"], config.kwargs["BLOCK_H"],
-                                                config.kwargs["BLOCK_W"]))
+    tma.sort(key=lambda config: -_tile_coverage(args["N"], args["H"], args["W"], config.kwargs))
     tma = tma[:MAX_TMA_CONFIGS_PER_SHAPE]
     kept = pointer[:MAX_CONFIGS_PER_SHAPE - len(tma)] + tma
     return kept or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
@@ -274,9 +285,9 @@ def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
         raise ValueError(f"config USE_TMA=True needs BLOCK_K to divide C (got BLOCK_K="
                          f"{config['BLOCK_K']}, C={c})")
     bh, bw = config["BLOCK_H"], config["BLOCK_W"]
-    if config["BLOCK_M"] != bh * bw:
-        raise ValueError(f"config BLOCK_M must be BLOCK_H * BLOCK_W (got {config['BLOCK_M']}, "
-                         f"{bh} x {bw})")
+    if config["BLOCK_M"] % (bh * bw):
+        raise ValueError(f"config BLOCK_M must be a multiple of BLOCK_H * BLOCK_W (got "
+                         f"{config['BLOCK_M']}, {bh} x {bw})")
     if pool and (bh % 2 or bw % 2):
         raise ValueError(f"config BLOCK_H and BLOCK_W must be even with pool (got {bh}, {bw})")
 
@@ -324,7 +335,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     def grid(meta_):
         if meta_["USE_TMA"]:
             rows, cols = (2 * ho, 2 * wo) if pool else (h, w)
-            m_tiles = n * triton.cdiv(rows, meta_["BLOCK_H"]) * triton.cdiv(cols, meta_["BLOCK_W"])
+            m_tiles = (triton.cdiv(n, tile_images(meta_)) * triton.cdiv(rows, meta_["BLOCK_H"])
+                       * triton.cdiv(cols, meta_["BLOCK_W"]))
         else:
             m_tiles = triton.cdiv(m_total, meta_["BLOCK_M"] // 4 if pool else meta_["BLOCK_M"])
         tiles = m_tiles * triton.cdiv(k, meta_["BLOCK_N"])
@@ -365,7 +377,7 @@ def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list
                                   x.new_zeros(k, dtype=torch.float32), pool)
     _, c, h, w = x.shape
     flat = _flat_channels(c, weight.shape[-1])
-    args = {"x_ptr": x, "C": c, "K": k, "H": h, "W": w}
+    args = {"x_ptr": x, "N": x.shape[0], "C": c, "K": k, "H": h, "W": w}
     return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=flat,
                           TMA_OK=_tma_ok(x, weight, y, bool(flat)))
 
