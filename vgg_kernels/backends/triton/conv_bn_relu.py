@@ -415,7 +415,9 @@ def _register_op():
         def op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                pool: bool) -> torch.Tensor:
             x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
-            _launch(x, weight, scale, shift, pool, y, torch.library.wrap_triton)
+            # interpreter functions launch as they are (older torch's wrap_triton rejects them)
+            launcher = _direct if interpreting() else torch.library.wrap_triton
+            _launch(x, weight, scale, shift, pool, y, launcher)
             return y
 
         return op
