@@ -65,13 +65,17 @@ if [ -f benchmarks/device_native.sh ]; then
     step build "${LIMIT_BUILD:-240}" bash benchmarks/device_native.sh build
 fi
 
-# 3. GPU tests: every backend against cuDNN (in parallel workers where pytest-xdist is there:
-# the time goes into compiling and autotuning kernels, which is CPU work)
-PARALLEL=()
-$PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
+# 3. GPU tests: every backend against cuDNN, in parallel processes (the time goes into
+# compiling and autotuning kernels, which is CPU work): pytest-xdist workers where it is
+# installed, else GPU_TEST_SHARDS (4) pytest processes from benchmarks/gpu_tests.py.
 if [ "$PART" != bench ]; then
-    step gpu-tests "${LIMIT_TESTS:-360}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider "${PARALLEL[@]}" \
-        --junitxml="$OUT/gpu-tests.xml" tests
+    if $PY -c "import xdist" 2>/dev/null; then
+        step gpu-tests "${LIMIT_TESTS:-360}" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+            -n "${GPU_TEST_SHARDS:-4}" --junitxml="$OUT/gpu-tests.xml" tests
+    else
+        step gpu-tests "${LIMIT_TESTS:-360}" $PY benchmarks/gpu_tests.py \
+            --shards "${GPU_TEST_SHARDS:-4}" --junitxml "$OUT/gpu-tests.xml" tests
+    fi
 fi
 
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
