@@ -357,3 +357,14 @@ def test_interrupted_run_still_writes_what_it_measured(tmp_path, monkeypatch):
     assert validate_result(data) == []
     assert "SIGTERM" in data["interrupted"]
     assert [layer["name"] for layer in data["suites"]["layers"]["layers"]] == ["conv1_1", "conv2_1"]
+
+
+def test_table_names_the_triton_config_each_layer_ran():
+    suite = _layers_suite(BASE)
+    triton = next(c for c in suite["cases"] if c["backend"] == "triton")
+    triton["kernel_config"] = {"label": "tma 8x16/256/64 w8 s3 p1", "USE_TMA": True}
+    from vgg_kernels.bench.layers import format_layers
+
+    table = format_layers(suite)
+    assert "triton configs: conv1_1 tma 8x16/256/64 w8 s3 p1" in table
+    assert validate_result(_result(BASE)) == []

@@ -26,3 +26,11 @@ def test_pruned_configs_fit_the_shape(c, k, r, dtype):
     for config in kept:
         assert config.kwargs["BLOCK_K"] <= max(32, 2 * reduction)
         assert config.kwargs["BLOCK_N"] <= max(64, 2 * k)
+
+
+def test_every_config_has_its_own_label():
+    labels = [conv_bn_relu.describe_config(c.all_kwargs())
+              for c in conv_bn_relu._autotune_configs()]
+    assert len(set(labels)) == len(labels)
+    assert "tma 4x2x16/256/64 w8 s3 p1" in labels
+    assert "ptr 128/256/64 w8 s3 p0" in labels

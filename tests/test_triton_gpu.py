@@ -93,9 +93,7 @@ def _configs():
     return _autotune_configs()
 
 
-@pytest.mark.parametrize("config_index", range(len(conv_bn_relu._CONFIG_SHAPES)
-                                                + len(conv_bn_relu._FLAT_CONFIG_SHAPES)
-                                                + len(conv_bn_relu._TMA_CONFIG_SHAPES)))
+@pytest.mark.parametrize("config_index", range(len(conv_bn_relu._autotune_configs())))
 @pytest.mark.parametrize("case", [(64, 96, 30, 3, True), (3, 64, 40, 3, False),
                                   (128, 64, 20, 1, False)],
                          ids=lambda s: "C{}K{}H{}R{}pool{}".format(*s))

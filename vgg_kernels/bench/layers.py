@@ -143,6 +143,18 @@ def _short_error(error: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _triton_kernel_config() -> dict[str, Any] | None:
+    """The config the Triton autotuner chose for the last launch, with a short label."""
+    try:
+        from vgg_kernels.backends.triton import conv_bn_relu
+    except Exception:  # no usable triton: nothing to record
+        return None
+    config = conv_bn_relu.last_tuned_config()
+    if config is None:
+        return None
+    return {"label": conv_bn_relu.describe_config(config), **config}
+
+
 def _make_case(prefix: str, spec: LayerSpec, backend: str, samples: list[float], flops: float,
                peak_tflops: float, rotating: int, extra: dict[str, Any]) -> dict[str, Any]:
     stats = summarize(samples)
@@ -191,6 +203,8 @@ def _run_layer(spec: LayerSpec, settings: RunSettings, fused: list[str], compile
                 extra["rel_error_vs_baseline"] = _relative_error(fn(inputs[0]), expected)
                 samples = time_calls(fn, inputs, device=device, warmup=settings.warmup,
                                      repeats=settings.repeats)
+                if name == "triton" and device.type == "cuda":
+                    extra["kernel_config"] = _triton_kernel_config()
             except Exception as error:  # one failing backend must not lose the others
                 skipped.append({"backend": name, "layer": spec.name,
                                 "reason": _short_error(error)})
@@ -277,4 +291,8 @@ def format_layers(suite: dict[str, Any]) -> str:
     table = format_table(["layer", "shape", *(f"{b} ms (x, %peak)" for b in backends)], rows)
     notes = [f"skipped {s['backend']}" + (f" on {s['layer']}" if s["layer"] else "")
              + f": {s['reason']}" for s in suite["skipped"]]
+    chosen = [f"{c['layer']} {c['kernel_config']['label']}" for c in suite["cases"]
+              if c.get("kernel_config")]
+    if chosen:
+        notes.append("triton configs: " + ", ".join(chosen))
     return "\n".join([table, *notes])

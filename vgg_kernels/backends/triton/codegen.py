@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vgg_kernels.backends.triton import interpreting, kernels
-from vgg_kernels.backends.triton.conv_bn_relu import _autotune_configs, tile_images
+from vgg_kernels.backends.triton.conv_bn_relu import _autotune_configs, describe_config
 
 _POINTER_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 # Arguments a VGG layer's launch specialises as multiples of 16 (pointers, C, K, strides).
@@ -113,33 +113,24 @@ def report(compiled) -> CodegenReport:
     )
 
 
-def _describe(config: triton.Config) -> str:
-    k = config.kwargs
-    if k["USE_TMA"]:
-        images = tile_images(k)
-        tile = f"tma {f'{images}x' if images > 1 else ''}{k['BLOCK_H']}x{k['BLOCK_W']}"
-    else:
-        tile = f"ptr {k['BLOCK_M']}"
-    return (f"{tile}/{k['BLOCK_N']}/{k['BLOCK_K']} w{config.num_warps} s{config.num_stages} "
-            f"p{k['PROGRAMS_PER_SM']}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
     parser.add_argument("--dtype", choices=sorted(_POINTER_TYPES), default="bf16")
     parser.add_argument("--pool", action="store_true", help="compile the fused max-pool")
     parser.add_argument("--select", default=None,
-                        help="comma-separated indices into _autotune_configs(); default all")
+                        help="comma-separated indices into _autotune_configs(hopper=ARCH >= 90); "
+                             "default all")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead")
     args = parser.parse_args()
-    configs = _autotune_configs()
+    configs = _autotune_configs(hopper=args.arch >= 90)
     if args.select is not None:
         configs = [configs[int(i)] for i in args.select.split(",")]
     rows = []
     for config in configs:
         flat = 3 if config.kwargs["PROGRAMS_PER_SM"] and not config.kwargs["USE_TMA"] else 0
-        row = {"config": _describe(config), **config.kwargs, "num_warps": config.num_warps,
+        row = {"config": describe_config(config.all_kwargs()), **config.kwargs,
+               "num_warps": config.num_warps,
                "num_stages": config.num_stages}
         try:
             row.update(asdict(report(compile_config(config, dtype=args.dtype, pool=args.pool,

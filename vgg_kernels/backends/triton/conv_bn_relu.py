@@ -73,9 +73,12 @@ MAX_TMA_CONFIGS_PER_SHAPE = 4
 _TMA_MAX_ROW_BYTES = 128
 
 
-def _autotune_configs() -> list[triton.Config]:
-    """Every candidate config; ``_prune_configs`` picks at most 8 of them per shape."""
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+def _autotune_configs(hopper: bool | None = None) -> list[triton.Config]:
+    """Every candidate config; ``_prune_configs`` picks at most 8 of them per shape. ``hopper``
+    (default: whether the current GPU is Hopper or newer) keeps 4-stage pointer pipelines, which
+    older GPUs cut to 3, and adds nothing else: descriptor configs are pruned per launch."""
+    if hopper is None:
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     configs = [
         triton.Config({"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0,
                        "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
@@ -94,7 +97,15 @@ def _autotune_configs() -> list[triton.Config]:
                       num_warps=w, num_stages=s)
         for i, bh, bw, n, k, w, s, p in _TMA_CONFIG_SHAPES
     ]
-    return configs
+    # off Hopper the stage cap can make two configs the same: keep the first of each
+    seen: set[str] = set()
+    unique = []
+    for config in configs:
+        label = describe_config(config.all_kwargs())
+        if label not in seen:
+            seen.add(label)
+            unique.append(config)
+    return unique
 
 
 def _shared_memory_limit() -> int:
@@ -185,6 +196,19 @@ def last_tuned_config() -> dict | None:
     """The config the autotuner chose for the most recent launch (None before any)."""
     config = getattr(_autotuned_kernel, "best_config", None)
     return None if config is None else config.all_kwargs()
+
+
+def describe_config(config: dict) -> str:
+    """A config (``triton.Config.all_kwargs()``) in a few characters: ``tma 4x2x16/256/64 w8 s3
+    p1`` is a descriptor tile of 4 images' 2x16 pixels by 256 channels, 64-channel steps, 8
+    warps, 3 stages, one program per SM; ``ptr 128/...`` a pointer tile of 128 rows."""
+    if config["USE_TMA"]:
+        images = tile_images(config)
+        tile = f"tma {f'{images}x' if images > 1 else ''}{config['BLOCK_H']}x{config['BLOCK_W']}"
+    else:
+        tile = f"ptr {config['BLOCK_M']}"
+    return (f"{tile}/{config['BLOCK_N']}/{config['BLOCK_K']} w{config['num_warps']} "
+            f"s{config['num_stages']} p{config['PROGRAMS_PER_SM']}")
 
 
 # Interpreter blocks: small, so that odd test shapes cross every block boundary.
