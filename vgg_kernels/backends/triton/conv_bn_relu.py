@@ -8,8 +8,8 @@ per config by the autotuner:
   masks (zero padding comes from the mask), the B tile from the weights in (K, R, S, C) memory
   order (channels_last), so both loads are contiguous along the reduction;
 - tensor descriptors (TMA; Hopper and newer, fp16/bf16, C and K multiples of 8): the M tile is a
-  spatial block of one image loaded per tap through a 4-D descriptor whose out-of-bounds zero
-  fill is the padding, in a persistent grid.
+  spatial block of one image (or of a few consecutive images, for small ones) loaded per tap
+  through a 4-D descriptor whose out-of-bounds zero fill is the padding, in a persistent grid.
 """
 
 from __future__ import annotations
