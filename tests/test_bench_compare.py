@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from vgg_kernels.bench import SCHEMA_VERSION, compare_results, judge, validate_result
 from vgg_kernels.bench.cli import main
@@ -368,3 +369,21 @@ def test_table_names_the_triton_config_each_layer_ran():
     table = format_layers(suite)
     assert "triton configs: conv1_1 tma 8x16/256/64 w8 s3 p1" in table
     assert validate_result(_result(BASE)) == []
+
+
+def test_l2_read_kernel_reads_every_element_each_pass():
+    """The kernel behind peak.l2_read (timed on CUDA only) sums what it reads, so none of its
+    loads is dead code; the interpreter checks the sums."""
+    pytest.importorskip("triton")
+    from vgg_kernels.backends.triton import interpreting
+    from vgg_kernels.bench.peak import measure_l2_bandwidth
+
+    assert measure_l2_bandwidth(torch.device("cpu"), warmup=1, repeats=1) is None
+    if not interpreting():
+        pytest.skip("the CPU runs Triton kernels only under TRITON_INTERPRET=1")
+    from vgg_kernels.bench.l2_read import l2_read_kernel
+
+    x = torch.rand(3000)
+    out = torch.empty(2 * 256)
+    l2_read_kernel[(2,)](x, out, x.numel(), 3, BLOCK=256)
+    torch.testing.assert_close(out.sum(), 3 * x.sum(), rtol=1e-5, atol=1e-3)

@@ -210,7 +210,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     env = result["environment"]
     print(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
           f"{first.dtype_name} | peak {peak['matmul']['tflops']:.2f} TFLOP/s, "
-          f"{peak['bandwidth']['gbps']:.1f} GB/s")
+          f"{peak['bandwidth']['gbps']:.1f} GB/s"
+          + (f", L2 read {peak['l2_read']['gbps']:.0f} GB/s" if "l2_read" in peak else ""))
     interrupted = None
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -123,7 +123,8 @@ def render_section(result: dict[str, Any] | None, source: str | None,
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
         f"commit {(env.get('git_commit') or '?')[:7]}, {env['date'][:10]}. Measured peak: "
         f"{peak['matmul']['tflops']:.0f} TFLOP/s ({peak['matmul']['dtype']} matmul "
-        f"{peak['matmul']['size']}³), {peak['bandwidth']['gbps']:.0f} GB/s (copy).",
+        f"{peak['matmul']['size']}³), {peak['bandwidth']['gbps']:.0f} GB/s (copy)"
+        + (f", {peak['l2_read']['gbps']:.0f} GB/s (L2 read)." if "l2_read" in peak else "."),
     ]
     suites = result["suites"]
     if "layers" in suites:

@@ -159,6 +159,8 @@ def validate_result(data: Any) -> list[str]:
     else:
         _check_stats("peak.matmul", peak["matmul"], problems)
         _check_stats("peak.bandwidth", peak["bandwidth"], problems)
+        if "l2_read" in peak:
+            _check_stats("peak.l2_read", peak["l2_read"], problems)
     suites = data.get("suites")
     if not isinstance(suites, dict) or not suites:
         return problems + ["suites must be a non-empty object"]
