@@ -28,7 +28,12 @@ def collect(marker: str, paths: list[str]) -> list[str]:
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
          "-m", marker, *paths],
         capture_output=True, text=True, check=False)
-    ids = [line for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    ids: list[str] = []
+    for line in done.stdout.splitlines():
+        if not line.strip():
+            break  # the node ids end at the first blank line; warnings summaries follow
+        if "::" in line and not line.startswith(" ") and line not in ids:
+            ids.append(line)
     if done.returncode not in (0, 5) or not ids:
         sys.stdout.write(done.stdout[-3000:] + done.stderr[-3000:])
     return ids
