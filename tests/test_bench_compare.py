@@ -308,6 +308,21 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["layers", "--device", "cpu", "--batch", "0"]) == 2
     assert main(["layers", "--device", "cpu", "--backends", "cudnn,triton"]) == 2
     assert "--backends" in capsys.readouterr().err
+    assert main(["layers", "--device", "cpu", "--config", "A", "--layers", "conv1_2"]) == 2
+    assert "conv1_1, conv2_1" in capsys.readouterr().err
+
+
+def test_layers_option_times_only_the_named_blocks(tmp_path):
+    out = tmp_path / "two.json"
+    assert main(["layers", "--device", "cpu", "--config", "A", "--batch", "1", "--resolution",
+                 "32", "--repeats", "2", "--warmup", "0", "--backends", "eager", "--no-compile",
+                 "--layers", "conv5_2,conv1_1", "--peak-size", "128", "--quiet", "--out",
+                 str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert validate_result(data) == []
+    suite = data["suites"]["layers"]
+    assert [layer["name"] for layer in suite["layers"]] == ["conv1_1", "conv5_2"]
+    assert suite["settings"]["layers"] == ["conv5_2", "conv1_1"]
 
 
 def test_readme_uses_newest_committed_gpu_result(tmp_path):

@@ -70,6 +70,10 @@ def _add_run_options(parser: argparse.ArgumentParser, suite: str) -> None:
     if suite == "all":
         parser.add_argument("--model-repeats", type=int, default=None,
                             help="timed calls per model case (default 20 on CUDA, 3 on a CPU)")
+    if suite == "layers":
+        parser.add_argument("--layers", default=None, metavar="NAMES",
+                            help="comma-separated blocks to time, e.g. conv1_1,conv5_3 "
+                                 "(default: every block of --config)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip torch.compile (recorded as skipped, with the reason)")
     parser.add_argument("--compile-mode", default=None,
@@ -176,7 +180,14 @@ def _settings(args: argparse.Namespace, suite: str, repeats: int | None,
     )
     if settings.batch <= 0 or settings.repeats <= 0 or settings.warmup < 0:
         raise ValueError("--batch and --repeats must be positive, --warmup non-negative")
-    layer_specs(settings.config, settings.resolution)  # a bad config or resolution fails here
+    names = [spec.name for spec in layer_specs(settings.config, settings.resolution)]
+    wanted = getattr(args, "layers", None)
+    if wanted:
+        settings.layers = [name.strip() for name in wanted.split(",") if name.strip()]
+        unknown = [name for name in settings.layers if name not in names]
+        if unknown or not settings.layers:
+            raise ValueError(f"--layers must name blocks of config {settings.config} "
+                             f"({', '.join(names)}); got {wanted!r}")
     return settings
 
 

@@ -225,6 +225,8 @@ def run_layers(settings: RunSettings, peak: dict[str, Any],
     began = time.perf_counter()
     selection = select_backends(settings)
     specs = layer_specs(settings.config, settings.resolution)
+    if settings.layers:
+        specs = [spec for spec in specs if spec.name in settings.layers]
     suite_settings = settings.as_dict()
     prefix = layers_prefix(suite_settings)
     element_size = torch.empty((), dtype=settings.dtype).element_size()

@@ -69,6 +69,8 @@ class RunSettings:
     # so a run under an outer `timeout` still writes its file.
     time_limit_s: float | None = None
     deadline: float | None = None
+    # layers suite: time only these blocks (names as in layer_specs, e.g. conv1_1); None: all
+    layers: list[str] | None = None
 
     def past_deadline(self) -> bool:
         """Whether the soft time limit has passed."""
@@ -97,6 +99,7 @@ class RunSettings:
             "baseline": baseline_name(self.device),
             "compile_mode": self.resolved_compile_mode() if self.compile else None,
             "time_limit_s": self.time_limit_s,
+            **({"layers": list(self.layers)} if self.layers else {}),
         }
 
 
