@@ -103,10 +103,11 @@ def test_descriptor_and_pointer_paths_agree(poison_outputs, device):
     (32, 16, torch.float32, "fp16/bf16"),
     (40, 16, torch.float16, "BLOCK_K to divide C"),
     (32, 12, torch.float16, "multiples of 8"),
-    (8, 16, torch.float16, "C > 16"),
+    (8, 16, torch.float16, "padded channels"),
 ], ids=["fp32", "C-not-multiple-of-BLOCK_K", "K-not-multiple-of-8", "flat-reduction"])
-def test_descriptor_config_rejects_ineligible_input(c, k, dtype, match, device):
+def test_descriptor_config_rejects_ineligible_input(c, k, dtype, match, device, monkeypatch):
     _skip_without_descriptors(device)
+    monkeypatch.setenv("VGG_KERNELS_TRITON_PAD_CHANNELS", "0")  # C=8: the flattened reduction
     x, weight, scale, shift = _inputs(1, c, k, 5, 5, 3, dtype, device)
     with pytest.raises(ValueError, match=match):
         conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, False, **TILES[device])
@@ -117,10 +118,12 @@ def test_descriptor_config_rejects_ineligible_input(c, k, dtype, match, device):
                                    (3, 8, 8, 1, 9, 3, False)],
                          ids=lambda s: "N{}C{}K{}H{}W{}R{}pool{}".format(*s))
 @pytest.mark.parametrize("block_k", [16, 32])
-def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs, device):
+def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs, device,
+                                                monkeypatch):
     """Programs looping over pointer tiles: with C=3 and BLOCK_K=32 the one-step flattened
     reduction that gathers the next tile ahead, else the plain loop. Every tile written once,
-    each right."""
+    each right. (Channels left unpadded: the flattened reduction is what these tiles are for.)"""
+    monkeypatch.setenv("VGG_KERNELS_TRITON_PAD_CHANNELS", "0")
     n, c, k, h, w, r, pool = shape
     x, weight, scale, shift = _inputs(n, c, k, h, w, r, torch.float16, device)
     tile = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 1,
@@ -144,8 +147,7 @@ def _eligible(x, weight, pool=False):
     k = weight.shape[0]
     x, weight, _, _, y = conv_bn_relu._prepare(x, weight, torch.ones(k, device=x.device),
                                                torch.zeros(k, device=x.device), pool)
-    flat = x.shape[1] <= conv_bn_relu.FLAT_REDUCTION_MAX_CHANNELS and weight.shape[-1] > 1
-    return conv_bn_relu._tma_ok(x, weight, y, flat)
+    return conv_bn_relu._tma_ok(x, weight, y, bool(conv_bn_relu._flat_channels(x, weight)))
 
 
 def test_eligibility_follows_layout_and_alignment(device):
@@ -235,3 +237,55 @@ def test_switch_keeps_to_pointers(device, monkeypatch):
     assert _eligible(x, weight)
     monkeypatch.setenv("VGG_KERNELS_TRITON_TMA", "0")
     assert not _eligible(x, weight)
+
+
+@pytest.mark.parametrize("c, k, h, w, pool", [(3, 64, 9, 11, True), (1, 16, 6, 5, False),
+                                              (8, 24, 7, 7, True), (16, 8, 5, 9, False)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", ["descriptor", "default"])
+def test_padded_channels_match_oracle(c, k, h, w, pool, dtype, tile, poison_outputs, device):
+    """3x3 layers with at most 16 input channels run on channels zero-padded to 16: through a
+    16-channel descriptor tile, and through what a plain launch picks."""
+    _skip_without_descriptors(device)
+    x, weight, scale, shift = _inputs(2, c, k, h, w, 3, dtype, device)
+    x_prepared, weight_prepared, _, _, _ = conv_bn_relu._prepare(x, weight, scale, shift, pool)
+    assert x_prepared.shape[1] == weight_prepared.shape[1] == conv_bn_relu.PADDED_CHANNELS
+    assert conv_bn_relu._flat_channels(x_prepared, weight_prepared) == 0
+    if tile == "descriptor":
+        y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool,
+                                                        **TILES[device])
+    else:
+        y = conv_bn_relu.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
+                                          shift.double(), pool)
+    assert_within_rule(y, conv_bn_relu_infer_reference(x, weight, scale, shift, pool), oracle,
+                       dtype)
+
+
+def test_channel_padding_only_where_descriptors_run(device, monkeypatch):
+    """fp32, 1x1 kernels, K not a multiple of 8, more than 16 channels and the switches keep
+    the unpadded (flattened) path."""
+    _skip_without_descriptors(device)
+    x, weight, _, _ = _inputs(1, 3, 16, 4, 4, 3, torch.float16, device)
+    assert conv_bn_relu._pads_channels(x, weight)
+    assert not conv_bn_relu._pads_channels(x.float(), weight.float())
+    assert not conv_bn_relu._pads_channels(x, weight[:, :, :1, :1])
+    assert not conv_bn_relu._pads_channels(x, weight[:12])
+    wide = _inputs(1, 17, 16, 4, 4, 3, torch.float16, device)
+    assert not conv_bn_relu._pads_channels(wide[0], wide[1])
+    for switch in ("VGG_KERNELS_TRITON_PAD_CHANNELS", "VGG_KERNELS_TRITON_TMA"):
+        monkeypatch.setenv(switch, "0")
+        assert not conv_bn_relu._pads_channels(x, weight)
+        assert conv_bn_relu._flat_channels(x, weight) == 3
+        monkeypatch.delenv(switch)
+
+
+def test_pruning_offers_16_channel_descriptor_steps_only_to_16_channels():
+    configs = conv_bn_relu._autotune_configs(hopper=True)
+    args = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "N": 64, "K": 64, "H": 224, "W": 224}
+    padded = conv_bn_relu._prune_configs(configs, {**args, "C": 16}, R=3, FLAT_K=0, TMA_OK=True)
+    tma = [c.kwargs for c in padded if c.kwargs["USE_TMA"]]
+    assert tma and all(c["BLOCK_K"] == 16 for c in tma)
+    wide = conv_bn_relu._prune_configs(configs, {**args, "C": 64}, R=3, FLAT_K=0, TMA_OK=True)
+    assert all(c.kwargs["BLOCK_K"] >= 32 for c in wide if c.kwargs["USE_TMA"])

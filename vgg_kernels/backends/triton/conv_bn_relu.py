@@ -27,6 +27,13 @@ from vgg_kernels.backends.triton.kernels import conv_bn_relu_fwd_kernel
 # Inputs with fewer channels than this use the flattened (R*S*C) reduction: the 3-channel first
 # layer becomes one 27-long reduction padded to 32, instead of 9 taps each padded to 16.
 FLAT_REDUCTION_MAX_CHANNELS = 16
+# Where the descriptor path can run (fp16/bf16, Hopper or newer), 3x3 layers with at most this
+# many input channels (the RGB first layer) take it instead: input and weights are zero-padded
+# to PADDED_CHANNELS channels (one 32-byte row per pixel, the 16-byte alignment a descriptor
+# needs), so the input arrives through TMA copies instead of 2-byte gathers that cp.async cannot
+# pipeline, for 16/3 times the (small) tensor-core work. VGG_KERNELS_TRITON_PAD_CHANNELS=0
+# keeps such layers on the flattened pointer path.
+PADDED_CHANNELS = 16
 
 
 # Pointer-gather configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most preferred first.
@@ -49,15 +56,17 @@ _CONFIG_SHAPES = [
 # each of `images` consecutive images (BLOCK_M = images * BLOCK_H * BLOCK_W), so a tile that
 # overhangs the image computes wasted rows: _prune_configs prefers the tiles that cover the
 # images best (28x28: 4x32 at 87.5%, 8x16 at 77%; 14x14: 4 images of 2x16 at 87.5%, 8x16 at
-# 77%; 56x56: 2 images of 8x8 at 100%, 8x16 at 87.5%). The grid is
-# persistent, PROGRAMS_PER_SM programs per SM (2 where two fit in shared memory, so one's
-# epilogue overlaps the other's main loop), 0 for one program per tile.
+# 77%; 56x56: 2 images of 8x8 at 100%, 8x16 at 87.5%). The grid is persistent,
+# PROGRAMS_PER_SM programs per SM (2 where two fit in shared memory, so one's epilogue overlaps
+# the other's main loop; 4 for the 16-channel steps of padded first layers, whose short loads
+# want more in flight), 0 for one program per tile.
 _TMA_CONFIG_SHAPES = [
     (1, 8, 16, 256, 64, 8, 3, 1), (1, 16, 16, 128, 64, 8, 3, 1), (1, 4, 32, 256, 64, 8, 3, 1),
     (1, 8, 32, 128, 64, 8, 3, 1), (1, 8, 16, 128, 32, 4, 4, 2), (1, 4, 32, 128, 32, 4, 4, 2),
     (1, 16, 16, 64, 64, 8, 4, 1), (1, 8, 16, 64, 64, 4, 3, 2), (1, 4, 32, 64, 64, 4, 3, 2),
     (4, 2, 16, 256, 64, 8, 3, 1), (4, 2, 16, 128, 32, 4, 4, 2),
     (2, 8, 8, 256, 64, 8, 3, 1), (2, 8, 8, 128, 32, 4, 4, 2),
+    (1, 8, 16, 64, 16, 4, 6, 4), (1, 4, 32, 64, 16, 4, 6, 4), (1, 16, 16, 64, 16, 8, 6, 2),
 ]
 # Persistent pointer configs for the flattened reduction (the 3-channel first layer), same
 # fields as _CONFIG_SHAPES plus PROGRAMS_PER_SM: its one-step reduction leaves nothing to
@@ -161,6 +170,8 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if not args.get("TMA_OK", False) or bk * element > _TMA_MAX_ROW_BYTES or args["C"] % bk:
             continue
+        if bk < min(args["C"], 32):  # 16-channel steps only for (padded) 16-channel inputs
+            continue
         if (config.kwargs["BLOCK_H"] > max(8, triton.next_power_of_2(args["H"]))
                 or config.kwargs["BLOCK_W"] > max(8, triton.next_power_of_2(args["W"]))
                 or tile_images(config.kwargs) > args["N"]):
@@ -251,20 +262,37 @@ def _strides(tensor: torch.Tensor) -> tuple[int, int, int, int]:
                  zip(tensor.stride(), tensor.shape, dense, strict=True))
 
 
+def _descriptors_usable(x: torch.Tensor) -> bool:
+    """fp16/bf16 on Hopper or newer (or the interpreter), a Triton with device-side descriptors,
+    and the path not switched off (VGG_KERNELS_TRITON_TMA=0)."""
+    if x.element_size() != 2 or not _HAS_DESCRIPTORS:
+        return False
+    if os.environ.get("VGG_KERNELS_TRITON_TMA", "1") == "0":  # the switch to pointers only
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device)[0] >= 9
+    return interpreting()
+
+
+def _pads_channels(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this 3x3 layer runs on PADDED_CHANNELS zero-padded channels through the
+    descriptor path (few input channels, K a multiple of 8, descriptors usable, not switched
+    off by VGG_KERNELS_TRITON_PAD_CHANNELS=0)."""
+    k, c, r, _ = weight.shape
+    if r == 1 or c > PADDED_CHANNELS or k % 8:
+        return False
+    if os.environ.get("VGG_KERNELS_TRITON_PAD_CHANNELS", "1") == "0":
+        return False
+    return _descriptors_usable(x)
+
+
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, flat: bool) -> bool:
     """Whether the tensor-descriptor path can run: not switched off (VGG_KERNELS_TRITON_TMA=0),
     fp16/bf16 on Hopper or newer (or the interpreter), a Triton with device-side descriptors,
     unit channel strides and 16-byte
     aligned strides and offsets (channels_last with C and K multiples of 8). Decided from sizes and
     strides only, so it is the same while torch.compile traces the op."""
-    if flat or x.element_size() != 2 or not _HAS_DESCRIPTORS:
-        return False
-    if os.environ.get("VGG_KERNELS_TRITON_TMA", "1") == "0":  # the switch to pointers only
-        return False
-    if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif not interpreting():
+    if flat or not _descriptors_usable(x):
         return False
     _, c, r, _ = weight.shape
     if _strides(weight) != (r * r * c, 1, r * c, c):
@@ -306,7 +334,8 @@ def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
         return
     if not tma_ok:
         raise ValueError("config USE_TMA=True needs fp16/bf16 on Hopper or newer, channels_last "
-                         "tensors, C and K multiples of 8, and C > 16 for 3x3 kernels")
+                         "tensors, C and K multiples of 8, and for 3x3 kernels C > 16 or "
+                         "padded channels (C <= 16 unless VGG_KERNELS_TRITON_PAD_CHANNELS=0)")
     if c % config["BLOCK_K"]:
         raise ValueError(f"config USE_TMA=True needs BLOCK_K to divide C (got BLOCK_K="
                          f"{config['BLOCK_K']}, C={c})")
@@ -318,9 +347,13 @@ def _check_config(config: dict, tma_ok: bool, pool: bool, c: int) -> None:
         raise ValueError(f"config BLOCK_H and BLOCK_W must be even with pool (got {bh}, {bw})")
 
 
-def _flat_channels(c: int, r: int) -> int:
-    """FLAT_K for a layer: C when its reduction is flattened (few channels, 3x3), else 0."""
-    return c if c <= FLAT_REDUCTION_MAX_CHANNELS and r > 1 else 0
+def _flat_channels(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """FLAT_K for a layer: C when its reduction is flattened (few channels, 3x3, and not on
+    padded channels), else 0."""
+    c, r = weight.shape[1], weight.shape[-1]
+    if c > FLAT_REDUCTION_MAX_CHANNELS or r == 1 or _pads_channels(x, weight):
+        return 0
+    return c
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -334,7 +367,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     if max(c * h * w, k * h * w) >= 2**31:
         raise ValueError(f"x must have fewer than 2**31 elements per image (got C*H*W = "
                          f"{c * h * w}, K*H*W = {k * h * w})")
-    flat = _flat_channels(c, r)
+    flat = _flat_channels(x, weight)
     interp = interpreting()
     tma_ok = _tma_ok(x, weight, y, bool(flat))
     meta = dict(
@@ -382,9 +415,22 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
 POISON_OUTPUTS = False
 
 
+def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight with their channels zero-padded to PADDED_CHANNELS, channels_last."""
+    n, c, h, w = x.shape
+    padded = x.new_zeros((n, h, w, PADDED_CHANNELS))
+    padded[..., :c] = x.permute(0, 2, 3, 1)
+    k, _, r, s = weight.shape
+    padded_weight = weight.new_zeros((k, r, s, PADDED_CHANNELS))
+    padded_weight[..., :c] = weight.permute(0, 2, 3, 1)
+    return padded.permute(0, 3, 1, 2), padded_weight.permute(0, 3, 1, 2)
+
+
 def _prepare(x, weight, scale, shift, pool):
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    if weight.shape[1] < PADDED_CHANNELS and _pads_channels(x, weight):
+        x, weight = _pad_channels(x, weight)
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
     n, _, h, w = x.shape
@@ -402,7 +448,7 @@ def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list
     x, weight, _, _, y = _prepare(x, weight, x.new_ones(k, dtype=torch.float32),
                                   x.new_zeros(k, dtype=torch.float32), pool)
     _, c, h, w = x.shape
-    flat = _flat_channels(c, weight.shape[-1])
+    flat = _flat_channels(x, weight)
     args = {"x_ptr": x, "N": x.shape[0], "C": c, "K": k, "H": h, "W": w}
     return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=flat,
                           TMA_OK=_tma_ok(x, weight, y, bool(flat)))
