@@ -8,8 +8,8 @@
 # that each stay inside one call's time limit: `tests` (build, GPU tests), then `bench` (build,
 # which is a no-op on a warm machine, and the benchmarks).
 #
-# Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_NATIVE_WGMMA,
-# LIMIT_MODEL seconds override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each step's status and time; the benchmark steps write
+# Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_FIRST_UNPADDED,
+# LIMIT_NATIVE_WGMMA, LIMIT_MODEL seconds override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each step's status and time; the benchmark steps write
 # their own JSON next to it. The last lines printed are the summary table.
 set -u
 cd "$(dirname "$0")/.."
@@ -86,6 +86,11 @@ if [ "$PART" != tests ]; then
 step bench-layers "${LIMIT_LAYERS:-200}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode default --time-limit $(( ${LIMIT_LAYERS:-200} - 60 )) \
     --out "$OUT/layers.json"
+# the first block on its unpadded 3 channels (flattened pointer path), against the padded
+# descriptor path that bench-layers timed
+step bench-first-unpadded "${LIMIT_FIRST_UNPADDED:-60}" env VGG_KERNELS_TRITON_PAD_CHANNELS=0 \
+    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends triton,eager --no-compile \
+    --layers conv1_1 --out "$OUT/layers-first-unpadded.json"
 # the native backend's Hopper (wgmma) inference kernel, switched on, against cuDNN eager
 step bench-native-wgmma "${LIMIT_NATIVE_WGMMA:-120}" env VGG_KERNELS_NATIVE_WGMMA=1 \
     $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
@@ -116,7 +121,7 @@ for s in summary["steps"]:
 EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-for suite in layers layers-native-wgmma model; do
+for suite in layers layers-first-unpadded layers-native-wgmma model; do
     if [ -f "$OUT/$suite.json" ]; then
         $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
     fi
