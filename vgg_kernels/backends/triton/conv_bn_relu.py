@@ -416,14 +416,12 @@ POISON_OUTPUTS = False
 
 
 def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and weight with their channels zero-padded to PADDED_CHANNELS, channels_last."""
-    n, c, h, w = x.shape
-    padded = x.new_zeros((n, h, w, PADDED_CHANNELS))
-    padded[..., :c] = x.permute(0, 2, 3, 1)
-    k, _, r, s = weight.shape
-    padded_weight = weight.new_zeros((k, r, s, PADDED_CHANNELS))
-    padded_weight[..., :c] = weight.permute(0, 2, 3, 1)
-    return padded.permute(0, 3, 1, 2), padded_weight.permute(0, 3, 1, 2)
+    """Channels_last x and weight with their channels zero-padded to PADDED_CHANNELS (padding
+    the last dimension of the NHWC views: one copy each, no in-place writes to trace)."""
+    extra = (0, PADDED_CHANNELS - x.shape[1])
+    x = torch.nn.functional.pad(x.permute(0, 2, 3, 1), extra).permute(0, 3, 1, 2)
+    weight = torch.nn.functional.pad(weight.permute(0, 2, 3, 1), extra).permute(0, 3, 1, 2)
+    return x, weight
 
 
 def _prepare(x, weight, scale, shift, pool):
