@@ -461,16 +461,18 @@ def test_cuda_wgmma_availability_follows_the_build(native_wgmma):
     assert native.cuda_wgmma_available()
 
 
-# (N, C, K, H, W, R, pool): C and K multiples of 8 (the wgmma kernel's domain), tiles cut at
-# every edge: K not a multiple of 128, rows not a multiple of 128, odd H and W with pooling.
+# (N, C, K, H, W, R, pool): C and K multiples of 8 (the wgmma kernel's domain) or C below 8
+# (padded to 8), tiles cut at every edge: K not a multiple of 128, rows not a multiple of 128,
+# odd H and W with pooling.
 WGMMA_SHAPES = [(2, 64, 72, 9, 11, 3, True), (1, 24, 40, 5, 7, 1, False),
                 (3, 136, 264, 7, 6, 3, True), (1, 8, 8, 1, 1, 3, False),
-                (2, 520, 136, 6, 5, 3, False)]
+                (2, 520, 136, 6, 5, 3, False), (2, 3, 64, 9, 11, 3, True),
+                (1, 5, 16, 6, 5, 3, False)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layer", VGG16_LAYERS[1:], ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
 def test_cuda_wgmma_infer_matches_cudnn(layer, dtype, native_wgmma):
     test_cuda_infer_matches_cudnn(layer, dtype, native_wgmma)
 

@@ -96,11 +96,33 @@ bool wgmma_available() {
   return wgmma_runs_here(c10::cuda::getCurrentCUDAStream());
 }
 
+// The wgmma kernel copies 16-byte chunks of 8 channels, so it takes C multiples of 8. A layer
+// with fewer channels (the RGB first layer) gets its input and weights zero-padded to 8 when
+// that kernel is asked for and runs here: 16-byte copies instead of the WMMA kernel's per-element
+// loads, for 8/C times the (small) tensor-core work.
+namespace {
+
+constexpr int64_t kWgmmaChannels = 8;
+
+bool pads_for_wgmma(const at::Tensor& x, const at::Tensor& weight_krsc) {
+  return x.scalar_type() != at::kFloat && x.size(1) < kWgmmaChannels &&
+         weight_krsc.size(0) % kWgmmaChannels == 0 && wgmma_requested() &&
+         wgmma_runs_here(c10::cuda::getCurrentCUDAStream());
+}
+
+}  // namespace
+
 at::Tensor conv_bn_relu_infer(const at::Tensor& x_in, const at::Tensor& weight,
                               const at::Tensor& scale_in, const at::Tensor& shift_in, bool pool) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor weight_krsc = weight.to(x.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor weight_krsc = weight.to(x.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  if (pads_for_wgmma(x, weight_krsc)) {
+    const int64_t extra = kWgmmaChannels - x.size(1);
+    // pad the channel (last) dimension of the NHWC views; back to an NCHW-shaped channels_last x
+    x = at::constant_pad_nd(x.permute({0, 2, 3, 1}), {0, extra}).permute({0, 3, 1, 2});
+    weight_krsc = at::constant_pad_nd(weight_krsc, {0, extra});
+  }
   const at::Tensor scale = fp32_vector(scale_in), shift = fp32_vector(shift_in);
   ConvParams p = conv_params(x, weight_krsc, pool);
   at::Tensor y = empty_nhwc(p.n, p.k, p.out_h, p.out_w, x);
