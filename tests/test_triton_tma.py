@@ -289,3 +289,32 @@ def test_pruning_offers_16_channel_descriptor_steps_only_to_16_channels():
     assert tma and all(c["BLOCK_K"] == 16 for c in tma)
     wide = conv_bn_relu._prune_configs(configs, {**args, "C": 64}, R=3, FLAT_K=0, TMA_OK=True)
     assert all(c.kwargs["BLOCK_K"] >= 32 for c in wide if c.kwargs["USE_TMA"])
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("index", range(len(conv_bn_relu._autotune_configs(hopper=True))))
+def test_every_hopper_config_in_the_interpreter(index, pool, poison_outputs):
+    """Every config the autotuner may pick on an H100/H200, at its real tile sizes, against the
+    float64 oracle: descriptor tiles on 64 channels (or 3, padded, for 16-channel steps),
+    flattened persistent tiles on 3 unpadded channels, pointer tiles on 40; K one block and a
+    partial one, batch 3 and odd H and W so that tiles of several images and the image edges
+    are cut. On the CPU in the interpreter; the GPU runs the same configs compiled
+    (tests/test_triton_gpu.py)."""
+    if not interpreting():
+        pytest.skip("the CPU runs Triton kernels only under TRITON_INTERPRET=1")
+    config = conv_bn_relu._autotune_configs(hopper=True)[index].all_kwargs()
+    flat = config["PROGRAMS_PER_SM"] and not config["USE_TMA"]
+    if config["USE_TMA"]:
+        c = 3 if config["BLOCK_K"] == 16 else 64
+    else:
+        c = 3 if flat else 40
+    k = config["BLOCK_N"] + 8
+    x, weight, scale, shift = _inputs(3, c, k, 10, 13, 3, torch.float16, "cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        if flat:
+            patch.setenv("VGG_KERNELS_TRITON_PAD_CHANNELS", "0")
+        y = conv_bn_relu.conv_bn_relu_infer_with_config(x, weight, scale, shift, pool, **config)
+    oracle = conv_bn_relu_infer_reference(x.double(), weight.double(), scale.double(),
+                                          shift.double(), pool)
+    assert_within_rule(y, conv_bn_relu_infer_reference(x, weight, scale, shift, pool), oracle,
+                       torch.float16)
