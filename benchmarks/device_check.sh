@@ -80,24 +80,26 @@ fi
 
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
 # torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
-# the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode.
+# the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode, then the
+# opt-in and alternative kernels (most needed first: the step limits add up to 520 s, so a
+# call cut short loses the least).
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 if [ "$PART" != tests ]; then
-step bench-layers "${LIMIT_LAYERS:-200}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
-    --backends triton,native,eager,compile --compile-mode default --time-limit $(( ${LIMIT_LAYERS:-200} - 60 )) \
+step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
+    --backends triton,native,eager,compile --compile-mode default --time-limit $(( ${LIMIT_LAYERS:-180} - 60 )) \
     --out "$OUT/layers.json"
+step bench-model "${LIMIT_MODEL:-200}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
+    --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
+    --time-limit $(( ${LIMIT_MODEL:-200} - 80 )) --out "$OUT/model.json"
+# the native backend's Hopper (wgmma) inference kernel, switched on, against cuDNN eager
+step bench-native-wgmma "${LIMIT_NATIVE_WGMMA:-100}" env VGG_KERNELS_NATIVE_WGMMA=1 \
+    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
+    --time-limit $(( ${LIMIT_NATIVE_WGMMA:-100} - 40 )) --out "$OUT/layers-native-wgmma.json"
 # the first block on its unpadded 3 channels (flattened pointer path), against the padded
 # descriptor path that bench-layers timed
-step bench-first-unpadded "${LIMIT_FIRST_UNPADDED:-60}" env VGG_KERNELS_TRITON_PAD_CHANNELS=0 \
+step bench-first-unpadded "${LIMIT_FIRST_UNPADDED:-40}" env VGG_KERNELS_TRITON_PAD_CHANNELS=0 \
     $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends triton,eager --no-compile \
     --layers conv1_1 --out "$OUT/layers-first-unpadded.json"
-# the native backend's Hopper (wgmma) inference kernel, switched on, against cuDNN eager
-step bench-native-wgmma "${LIMIT_NATIVE_WGMMA:-120}" env VGG_KERNELS_NATIVE_WGMMA=1 \
-    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
-    --time-limit $(( ${LIMIT_NATIVE_WGMMA:-120} - 40 )) --out "$OUT/layers-native-wgmma.json"
-step bench-model "${LIMIT_MODEL:-240}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
-    --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
-    --time-limit $(( ${LIMIT_MODEL:-240} - 90 )) --out "$OUT/model.json"
 if [ $QUICK -eq 0 ]; then
     step tune-triton 240 $PY benchmarks/tune_triton.py --candidates --out "$OUT/tune_triton.json"
 fi
