@@ -478,11 +478,24 @@ def test_cuda_wgmma_infer_matches_cudnn(layer, dtype, native_wgmma):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["auto", "64", "128", "256"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_SHAPES,
                          ids=["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in WGMMA_SHAPES])
-def test_cuda_wgmma_infer_odd_shapes(shape, dtype, native_wgmma):
+def test_cuda_wgmma_infer_odd_shapes(shape, dtype, tile, native_wgmma, monkeypatch):
+    """Every channel tile (64, 128, 256 output channels per CTA, or the kernel's choice)."""
+    if tile != "auto":
+        monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", tile)
     test_cuda_infer_odd_shapes(shape, dtype, native_wgmma)
+
+
+@pytest.mark.gpu
+def test_cuda_wgmma_tile_switch_rejects_other_values(native_wgmma, monkeypatch):
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", "96")
+    x, weight, scale, shift = _conv_inputs(1, 16, 16, 4, 4, 3, torch.bfloat16,
+                                           torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_WGMMA_TILE must be 64, 128 or 256"):
+        native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False)
 
 
 @pytest.mark.gpu

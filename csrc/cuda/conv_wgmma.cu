@@ -1,13 +1,14 @@
 // Hopper (sm_90a) inference kernel: the implicit GEMM of conv_bn_relu.cuh on warpgroup MMA.
 //
 // CTA tile 128 GEMM rows (pixels, or 4 per pooled pixel) x 128 output channels (64 when the
-// layer has at most 64), reduction step 64 elements = one 128-byte row per tile row. Two
-// warpgroups each own 64 rows and issue wgmma.m64n{128,64}k16 with both operands read from
-// shared memory through matrix descriptors; the
+// layer has at most 64, 256 for wide layers with enough CTAs; see channel_tile), reduction step
+// 64 elements = one 128-byte row per tile row. Two warpgroups each own 64 rows and issue
+// wgmma.m64n{64,128,256}k16 with both operands read from shared memory through matrix
+// descriptors; the
 // tiles are stored in the 128-byte swizzled layout those descriptors name (16-byte chunk j of
 // row r at chunk j ^ (r % 8)), filled by 16-byte cp.async copies that zero-fill the padding.
-// Five stages: tile kt + 3 is in flight while tile kt is multiplied and tile kt - 1's MMAs
-// drain. The epilogue works on the accumulator registers directly: BN scale/shift, ReLU, and
+// Five stages (four for 256 channels): tile kt + 3 (kt + 2) is in flight while tile kt is
+// multiplied and tile kt - 1's MMAs drain. The epilogue works on the accumulator registers directly: BN scale/shift, ReLU, and
 // the 2x2 max-pool as a shuffle across the four lanes that hold a window's rows.
 //
 // Used for fp16/bf16 inference when C and K are multiples of 8 on an sm_90a build; everything
@@ -17,20 +18,21 @@
 namespace vgg_kernels::cuda {
 namespace {
 
-constexpr int kBM = 128, kBK = 64;  // the channel tile BN (128 or 64) is a template parameter
-constexpr int kStages = 5;
-[[maybe_unused]] constexpr int kAhead = kStages - 2;  // tiles loaded ahead of the multiplied one
-constexpr int kThreads = 256;                           // two warpgroups
+constexpr int kBM = 128, kBK = 64;  // the channel tile BN (64, 128 or 256) is a template parameter
+constexpr int kThreads = 256;       // two warpgroups
 constexpr int kRowBytes = kBK * 2;                      // 128: one swizzle row
 [[maybe_unused]] constexpr int kTileBytes = kBM * kRowBytes;  // A (pixels); B follows
 constexpr int kChunksPerRow = kRowBytes / 16;  // 8
 constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // 32
 [[maybe_unused]] constexpr int kRowChunks = kBM / kRowsPerPass;  // A copies per thread
 
+// Pipeline depth per channel tile: five stages (48-160 KB); four for 256 channels (192 KB).
 template <int BN>
 struct ChannelTile {
-  static_assert(BN == 64 || BN == 128, "wgmma tiles of 64 or 128 channels");
+  static_assert(BN == 64 || BN == 128 || BN == 256, "wgmma tiles of 64, 128 or 256 channels");
   static constexpr int kStageBytes = (kBM + BN) * kRowBytes;
+  static constexpr int kStages = BN == 256 ? 4 : 5;
+  static constexpr int kAhead = kStages - 2;  // tiles loaded ahead of the multiplied one
   static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align to 1 KB
 };
 
@@ -63,6 +65,49 @@ struct ChannelTile {
         : "l"(desc_a), "l"(desc_b), "r"(1));                                                       \
   }
 
+#define VK_WGMMA_M64N256K16(TYPE)                                                                  \
+  __device__ __forceinline__ static void mma(float (&d)[128], uint64_t desc_a,                     \
+                                           uint64_t desc_b) {                                      \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                              \
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {"                          \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                                       \
+        "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "                             \
+        "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "                             \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                             \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "                             \
+        "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "                             \
+        "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, "                             \
+        "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                             \
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "                     \
+        "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "                 \
+        "%120, %121, %122, %123, %124, %125, %126, %127"                                           \
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                                       \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),               \
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),            \
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),            \
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),            \
+          "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),            \
+          "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),            \
+          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),            \
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),            \
+          "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),            \
+          "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]),            \
+          "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),            \
+          "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]),            \
+          "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),            \
+          "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),            \
+          "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),            \
+          "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),         \
+          "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]),      \
+          "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]),      \
+          "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),      \
+          "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),      \
+          "+f"(d[127])                                                                             \
+        : "l"(desc_a), "l"(desc_b), "r"(1));                                                       \
+  }
+
 #define VK_WGMMA_M64N64K16(TYPE)                                                                   \
   __device__ __forceinline__ static void mma(float (&d)[32], uint64_t desc_a,                      \
                                            uint64_t desc_b) {                                      \
@@ -85,6 +130,14 @@ template <typename T, int BN>
 struct WgmmaOp;
 
 template <>
+struct WgmmaOp<__nv_bfloat16, 256> {
+  VK_WGMMA_M64N256K16("bf16")
+};
+template <>
+struct WgmmaOp<__half, 256> {
+  VK_WGMMA_M64N256K16("f16")
+};
+template <>
 struct WgmmaOp<__nv_bfloat16, 128> {
   VK_WGMMA_M64N128K16("bf16")
 };
@@ -101,6 +154,7 @@ struct WgmmaOp<__half, 64> {
   VK_WGMMA_M64N64K16("f16")
 };
 
+#undef VK_WGMMA_M64N256K16
 #undef VK_WGMMA_M64N128K16
 #undef VK_WGMMA_M64N64K16
 
@@ -228,15 +282,15 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
 
 #pragma unroll
-  for (int t = 0; t < kAhead; ++t) {
+  for (int t = 0; t < Tile::kAhead; ++t) {
     if (t < ktiles) load_tile(t);
     cp_async_commit();  // one group per tile, empty past the end, so the counts stay uniform
   }
   for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<kAhead - 1>();  // this thread's copies of tile kt have landed
+    cp_async_wait<Tile::kAhead - 1>();  // this thread's copies of tile kt have landed
     fence_proxy_async();
     __syncthreads();  // everyone's copies of tile kt; everyone's MMAs of tile kt - 2 are done
-    const int stage = kt % kStages;
+    const int stage = kt % Tile::kStages;
     const uint32_t a_addr = smem_base + stage * Tile::kStageBytes + wg * 64 * kRowBytes;
     const uint32_t b_addr = smem_base + stage * Tile::kStageBytes + kTileBytes;
     wgmma_fence();
@@ -249,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
     wgmma_commit();
     // Stage (kt + kAhead) % kStages held tile kt - 2, whose MMAs every warpgroup finished
     // before the barrier above (each waited for all but its newest group last iteration).
-    if (kt + kAhead < ktiles) load_tile((kt + kAhead) % kStages);
+    if (kt + Tile::kAhead < ktiles) load_tile((kt + Tile::kAhead) % Tile::kStages);
     cp_async_commit();
     wgmma_wait<1>();
     fence_accumulators(acc);
@@ -348,13 +402,36 @@ cudaError_t launch_wgmma(const ConvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// 64-channel tiles where the layer has at most 64 channels (no half-empty tiles), else 128.
-template <typename T>
-cudaError_t launch_wgmma_dtype(const ConvParams& p, cudaStream_t stream) {
-  if (p.k <= 64) {
-    return p.pool ? launch_wgmma<T, 64, true>(p, stream) : launch_wgmma<T, 64, false>(p, stream);
+// The channel tile: 64 where the layer has at most 64 channels (no half-empty tiles); 256 where
+// the grid still fills at least four waves of CTAs, as a 128 x 256 tile reads 25% fewer operand
+// bytes per FLOP from L2 than 128 x 128 ((BM + BN) / (BM * BN): 0.0117 against 0.0156 in
+// bf16); else 128. `forced` (64, 128 or 256; 0 for this choice) overrides it.
+int channel_tile(const ConvParams& p, int forced) {
+  if (forced != 0) return forced;
+  if (p.k <= 64) return 64;
+  if (p.k >= 256) {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        ceil_div(p.rows, kBM) * ceil_div(p.k, 256) >= 4 * static_cast<int64_t>(sms)) {
+      return 256;
+    }
   }
-  return p.pool ? launch_wgmma<T, 128, true>(p, stream) : launch_wgmma<T, 128, false>(p, stream);
+  return 128;
+}
+
+template <typename T>
+cudaError_t launch_wgmma_dtype(const ConvParams& p, int forced_tile, cudaStream_t stream) {
+  switch (channel_tile(p, forced_tile)) {
+    case 64:
+      return p.pool ? launch_wgmma<T, 64, true>(p, stream) : launch_wgmma<T, 64, false>(p, stream);
+    case 256:
+      return p.pool ? launch_wgmma<T, 256, true>(p, stream)
+                    : launch_wgmma<T, 256, false>(p, stream);
+    default:
+      return p.pool ? launch_wgmma<T, 128, true>(p, stream)
+                    : launch_wgmma<T, 128, false>(p, stream);
+  }
 }
 
 }  // namespace
@@ -368,9 +445,11 @@ bool conv_wgmma_supported(const ConvParams& p, DType dtype, cudaStream_t stream)
   return wgmma_runs_here(stream);
 }
 
-cudaError_t launch_conv_wgmma(const ConvParams& p, DType dtype, cudaStream_t stream) {
-  return dtype == DType::kBFloat16 ? launch_wgmma_dtype<__nv_bfloat16>(p, stream)
-                                   : launch_wgmma_dtype<__half>(p, stream);
+cudaError_t launch_conv_wgmma(const ConvParams& p, DType dtype, int channel_tile,
+                              cudaStream_t stream) {
+  return dtype == DType::kBFloat16
+             ? launch_wgmma_dtype<__nv_bfloat16>(p, channel_tile, stream)
+             : launch_wgmma_dtype<__half>(p, channel_tile, stream);
 }
 
 }  // namespace vgg_kernels::cuda

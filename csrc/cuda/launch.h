@@ -45,7 +45,9 @@ cudaError_t launch_conv_fp32(const ConvParams& p, ConvMode mode, cudaStream_t st
 // x and weight, on a compute capability 9.0 device running this build's sm_90a code.
 bool conv_wgmma_supported(const ConvParams& p, DType dtype, cudaStream_t stream);
 bool wgmma_runs_here(cudaStream_t stream);
-cudaError_t launch_conv_wgmma(const ConvParams& p, DType dtype, cudaStream_t stream);
+// channel_tile: 64, 128 or 256 output channels per CTA, or 0 to choose from the shape.
+cudaError_t launch_conv_wgmma(const ConvParams& p, DType dtype, int channel_tile,
+                              cudaStream_t stream);
 
 // y = maxpool2x2?(relu(z * scale + shift)); z (n, h, w, k) NHWC, y (n, out_h, out_w, k).
 struct BnReluParams {

@@ -58,12 +58,24 @@ bool wgmma_requested() {
   return value != nullptr && std::string(value) == "1";
 }
 
+// VGG_KERNELS_NATIVE_WGMMA_TILE=64|128|256 fixes the wgmma kernel's output channels per CTA
+// (for tests and timing); unset, the kernel chooses from the shape.
+int wgmma_tile_override() {
+  const char* value = std::getenv("VGG_KERNELS_NATIVE_WGMMA_TILE");
+  if (value == nullptr || *value == '\0') return 0;
+  const std::string text(value);
+  TORCH_CHECK(text == "64" || text == "128" || text == "256",
+              "environment variable VGG_KERNELS_NATIVE_WGMMA_TILE must be 64, 128 or 256 (got '",
+              text, "')");
+  return std::stoi(text);
+}
+
 void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (mode == ConvMode::kInfer && dtype != at::kFloat && wgmma_requested()) {
     const DType type = dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
     if (conv_wgmma_supported(p, type, stream)) {
-      C10_CUDA_CHECK(launch_conv_wgmma(p, type, stream));
+      C10_CUDA_CHECK(launch_conv_wgmma(p, type, wgmma_tile_override(), stream));
       return;
     }
   }

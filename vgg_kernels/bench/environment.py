@@ -73,8 +73,8 @@ def git_commit() -> tuple[str | None, bool | None]:
     return commit, bool(status) if status is not None else None
 
 
-_SWITCHES = ("VGG_KERNELS_BACKEND", "VGG_KERNELS_NATIVE_WGMMA", "VGG_KERNELS_TRITON_TMA",
-             "VGG_KERNELS_TRITON_PAD_CHANNELS")
+_SWITCHES = ("VGG_KERNELS_BACKEND", "VGG_KERNELS_NATIVE_WGMMA", "VGG_KERNELS_NATIVE_WGMMA_TILE",
+             "VGG_KERNELS_TRITON_TMA", "VGG_KERNELS_TRITON_PAD_CHANNELS")
 
 
 def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
