@@ -246,9 +246,11 @@ def test_switch_keeps_to_pointers(device, monkeypatch):
 @pytest.mark.parametrize("tile", ["descriptor", "default"])
 def test_padded_channels_match_oracle(c, k, h, w, pool, dtype, tile, poison_outputs, device):
     """3x3 layers with at most 16 input channels run on channels zero-padded to 16: through a
-    16-channel descriptor tile, and through what a plain launch picks."""
+    16-channel descriptor tile, and through what a plain launch picks (from an NCHW input)."""
     _skip_without_descriptors(device)
     x, weight, scale, shift = _inputs(2, c, k, h, w, 3, dtype, device)
+    if tile == "default":
+        x = x.contiguous()
     x_prepared, weight_prepared, _, _, _ = conv_bn_relu._prepare(x, weight, scale, shift, pool)
     assert x_prepared.shape[1] == weight_prepared.shape[1] == conv_bn_relu.PADDED_CHANNELS
     assert conv_bn_relu._flat_channels(x_prepared, weight_prepared) == 0

@@ -415,20 +415,21 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
 POISON_OUTPUTS = False
 
 
-def _pad_channels(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channels_last x and weight with their channels zero-padded to PADDED_CHANNELS (padding
-    the last dimension of the NHWC views: one copy each, no in-place writes to trace)."""
-    extra = (0, PADDED_CHANNELS - x.shape[1])
-    x = torch.nn.functional.pad(x.permute(0, 2, 3, 1), extra).permute(0, 3, 1, 2)
-    weight = torch.nn.functional.pad(weight.permute(0, 2, 3, 1), extra).permute(0, 3, 1, 2)
-    return x, weight
+def _pad_channels(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (any layout) channels_last with its channels zero-padded to PADDED_CHANNELS:
+    one copy (padding the last dimension of the NHWC view), no in-place writes to trace."""
+    extra = (0, PADDED_CHANNELS - tensor.shape[1])
+    nhwc = torch.nn.functional.pad(tensor.permute(0, 2, 3, 1), extra).contiguous()
+    return nhwc.permute(0, 3, 1, 2)
 
 
 def _prepare(x, weight, scale, shift, pool):
-    x = x.contiguous(memory_format=torch.channels_last)
-    weight = weight.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    weight = weight.to(x.dtype)
     if weight.shape[1] < PADDED_CHANNELS and _pads_channels(x, weight):
-        x, weight = _pad_channels(x, weight)
+        x, weight = _pad_channels(x), _pad_channels(weight)
+    else:
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
     n, _, h, w = x.shape
