@@ -127,13 +127,17 @@ bool pads_for_wgmma(const at::Tensor& x, const at::Tensor& weight_krsc) {
 at::Tensor conv_bn_relu_infer(const at::Tensor& x_in, const at::Tensor& weight,
                               const at::Tensor& scale_in, const at::Tensor& shift_in, bool pool) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor weight_krsc = weight.to(x.scalar_type()).permute({0, 2, 3, 1}).contiguous();
-  if (pads_for_wgmma(x, weight_krsc)) {
-    const int64_t extra = kWgmmaChannels - x.size(1);
-    // pad the channel (last) dimension of the NHWC views; back to an NCHW-shaped channels_last x
-    x = at::constant_pad_nd(x.permute({0, 2, 3, 1}), {0, extra}).permute({0, 3, 1, 2});
-    weight_krsc = at::constant_pad_nd(weight_krsc, {0, extra});
+  at::Tensor weight_krsc = weight.to(x_in.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor x;
+  if (pads_for_wgmma(x_in, weight_krsc)) {
+    const int64_t extra = kWgmmaChannels - x_in.size(1);
+    // pad the channel (last) dimension of the NHWC views, straight from x_in's layout; back to
+    // an NCHW-shaped channels_last x
+    x = at::constant_pad_nd(x_in.permute({0, 2, 3, 1}), {0, extra}).contiguous().permute(
+        {0, 3, 1, 2});
+    weight_krsc = at::constant_pad_nd(weight_krsc, {0, extra}).contiguous();
+  } else {
+    x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   }
   const at::Tensor scale = fp32_vector(scale_in), shift = fp32_vector(shift_in);
   ConvParams p = conv_params(x, weight_krsc, pool);
