@@ -221,8 +221,8 @@ def _tma_tiles(
     """Tiles (BLOCK_I images x BLOCK_H x BLOCK_W conv output positions, BLOCK_N output
     channels) loaded through tensor descriptors (TMA on Hopper and newer). Several images per
     tile keep small images from leaving most of a tile empty (14x14 in 2x16 blocks of 4 images
-    fills 87.5% of the rows, one 16x16 block 77%). Program p computes tiles p,
-    p + P, p + 2P, ... for a grid of P programs: one tile each when the grid covers every tile,
+    fills 87.5% of the rows, one 16x16 block 77%). Program p computes tiles p, p + P, p + 2P,
+    ... for a grid of P programs: one tile each when the grid covers every tile,
     several in a persistent grid, which builds its descriptors once. FLATTEN fuses the tile loop
     with the reduction loop into one software-pipelined loop, so the next tile's first loads are
     in flight during this tile's last steps and its epilogue (for one program per SM, where no
@@ -313,9 +313,9 @@ def conv_bn_relu_fwd_kernel(
     M_TOTAL counts output (pooled) pixels. Padding is R // 2 on every side.
     USE_TMA (only with TMA_OK: channels_last x, w and y with 16-byte aligned strides) loads
     BLOCK_H x BLOCK_W spatial tiles of BLOCK_M // (BLOCK_H * BLOCK_W) images through tensor
-    descriptors; otherwise rows are gathered
-    through masked pointers. PROGRAMS_PER_SM > 0 makes the grid persistent (that many programs
-    per SM, sized in ``_launch``, each looping over tiles); 0 runs one program per tile.
+    descriptors; otherwise rows are gathered through masked pointers. PROGRAMS_PER_SM > 0 makes
+    the grid persistent (that many programs per SM, sized in ``_launch``, each looping over
+    tiles); 0 runs one program per tile.
     """
     if USE_TMA:
         tl.static_assert(TMA_OK, "USE_TMA needs TMA_OK")
