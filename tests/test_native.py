@@ -4,6 +4,7 @@ the TORCH_LIBRARY registration, and (marked gpu) the CUDA kernels against cuDNN.
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 
@@ -487,6 +488,71 @@ def test_cuda_wgmma_infer_odd_shapes(shape, dtype, tile, native_wgmma, monkeypat
     if tile != "auto":
         monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", tile)
     test_cuda_infer_odd_shapes(shape, dtype, native_wgmma)
+
+
+# (N, C, K, H, W, R, pool) for the halo kernel: 3x3, C a multiple of 64; 16x8 output tiles cut
+# at every edge (H, W not multiples of 16 and 8, a 1x1 image, odd H and W with pooling), K not a
+# multiple of the channel tile, several channel blocks, several images.
+HALO_SHAPES = [(2, 64, 72, 9, 11, 3, True), (1, 128, 40, 17, 9, 3, False),
+               (3, 64, 264, 7, 6, 3, True), (1, 64, 8, 1, 1, 3, False),
+               (2, 192, 136, 19, 23, 3, False), (1, 64, 64, 33, 16, 3, True)]
+
+
+@pytest.fixture
+def native_wgmma_halo(native_wgmma, monkeypatch):
+    """The native backend with VGG_KERNELS_NATIVE_WGMMA=halo."""
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "halo")
+    return native_wgmma
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_wgmma_halo_infer_matches_cudnn(layer, native_wgmma_halo):
+    test_cuda_infer_matches_cudnn(layer, torch.bfloat16, native_wgmma_halo)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["auto", "64", "128", "256"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", HALO_SHAPES,
+                         ids=["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in HALO_SHAPES])
+def test_cuda_wgmma_halo_infer_odd_shapes(shape, dtype, tile, native_wgmma_halo, monkeypatch):
+    if tile != "auto":
+        monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", tile)
+    test_cuda_infer_odd_shapes(shape, dtype, native_wgmma_halo)
+
+
+def _cuda_kernel_names(fn) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c, r, kernel", [(64, 3, "conv_wgmma_halo_kernel"),
+                                          (24, 3, "conv_wgmma_kernel"),
+                                          (64, 1, "conv_wgmma_kernel")],
+                         ids=["C64R3", "C24R3", "C64R1"])
+def test_cuda_wgmma_halo_switch_picks_the_kernel(c, r, kernel, native_wgmma_halo):
+    """=halo runs 3x3 layers with C % 64 == 0 on the halo kernel, the rest on the other one."""
+    x, weight, scale, shift = _conv_inputs(2, c, 16, 12, 10, r, torch.bfloat16,
+                                           torch.device("cuda"))
+    names = _cuda_kernel_names(
+        lambda: native_wgmma_halo.conv_bn_relu_infer(x, weight, scale, shift, False))
+    launched = [name for name in names if "conv_wgmma" in name]
+    # demangled (kernel<...>) or mangled (...kernelI...) names
+    assert launched and all(re.search(kernel + "[<I]", name) for name in launched), names
+
+
+@pytest.mark.gpu
+def test_cuda_wgmma_switch_rejects_other_values(native_wgmma, monkeypatch):
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "yes")
+    x, weight, scale, shift = _conv_inputs(1, 16, 16, 4, 4, 3, torch.bfloat16,
+                                           torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_WGMMA must be 0, 1 or halo"):
+        native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False)
 
 
 @pytest.mark.gpu

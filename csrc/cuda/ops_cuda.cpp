@@ -52,11 +52,24 @@ ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight_krsc, bool 
 }
 
 // VGG_KERNELS_NATIVE_WGMMA=1 runs fp16/bf16 inference on the Hopper wgmma kernel where it
-// applies (read per call, so one process can time both kernels).
-bool wgmma_requested() {
+// applies; =halo also runs 3x3 layers with C a multiple of 64 on the kernel that copies each
+// input halo once per channel block (conv_wgmma_halo.cu); unset, empty or 0: the WMMA kernel.
+// Read per call, so one process can time every kernel.
+enum class WgmmaMode { kOff, kPlain, kHalo };
+
+WgmmaMode wgmma_mode() {
   const char* value = std::getenv("VGG_KERNELS_NATIVE_WGMMA");
-  return value != nullptr && std::string(value) == "1";
+  if (value == nullptr || *value == '\0') return WgmmaMode::kOff;
+  const std::string text(value);
+  if (text == "0") return WgmmaMode::kOff;
+  if (text == "1") return WgmmaMode::kPlain;
+  TORCH_CHECK(text == "halo",
+              "environment variable VGG_KERNELS_NATIVE_WGMMA must be 0, 1 or halo (got '", text,
+              "')");
+  return WgmmaMode::kHalo;
 }
+
+bool wgmma_requested() { return wgmma_mode() != WgmmaMode::kOff; }
 
 // VGG_KERNELS_NATIVE_WGMMA_TILE=64|128|256 fixes the wgmma kernel's output channels per CTA
 // (for tests and timing); unset, the kernel chooses from the shape.
@@ -72,8 +85,14 @@ int wgmma_tile_override() {
 
 void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (mode == ConvMode::kInfer && dtype != at::kFloat && wgmma_requested()) {
+  const WgmmaMode wgmma = mode == ConvMode::kInfer && dtype != at::kFloat ? wgmma_mode()
+                                                                          : WgmmaMode::kOff;
+  if (wgmma != WgmmaMode::kOff) {
     const DType type = dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+    if (wgmma == WgmmaMode::kHalo && conv_wgmma_halo_supported(p, type, stream)) {
+      C10_CUDA_CHECK(launch_conv_wgmma_halo(p, type, wgmma_tile_override(), stream));
+      return;
+    }
     if (conv_wgmma_supported(p, type, stream)) {
       C10_CUDA_CHECK(launch_conv_wgmma(p, type, wgmma_tile_override(), stream));
       return;
