@@ -9,14 +9,23 @@ round-robin to the shards (neighbouring parametrizations, which compile similar 
 different shards and balance the load); each shard writes its own log and JUnit file next to
 --junitxml, and the files are merged into --junitxml. Prints each shard's failures and one
 totals line; exits 1 when a test failed or a shard did not finish.
+
+A kernel that faults must not take the rest of a shard with it: each pytest process loads
+gpu_tests_plugin.py, which records the tests it finished and stops the process after a sticky
+CUDA error (an illegal address and the like, after which every CUDA call in the process fails).
+A shard whose process stopped early, or died (a segfault), goes on with its unfinished tests in a
+fresh process, at most --restarts times; a test that was running when its process died is
+reported as failed ("crashed"), one that never ran as missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -39,8 +48,10 @@ def collect(marker: str, paths: list[str]) -> list[str]:
     return ids
 
 
-def merge_junit(parts: list[str], target: str, seconds: float) -> dict[str, int]:
-    """One <testsuites> holding every shard's test cases, with summed counts."""
+def merge_junit(parts: list[str], target: str, seconds: float,
+                extra: list[tuple[str, str, str]] = ()) -> dict[str, int]:
+    """One <testsuites> holding every shard's test cases, with summed counts, plus `extra` (node
+    id, outcome, message) test cases that no JUnit file holds."""
     totals = dict.fromkeys(_COUNTS, 0)
     merged = ET.Element("testsuite", name="pytest")
     for path in parts:
@@ -50,6 +61,17 @@ def merge_junit(parts: list[str], target: str, seconds: float) -> dict[str, int]
             for key in _COUNTS:
                 totals[key] += int(suite.get(key, 0))
             merged.extend(suite.findall("testcase"))
+    for nodeid, outcome, message in extra:
+        module, _, name = nodeid.partition("::")
+        case = ET.SubElement(merged, "testcase", classname=module.removesuffix(".py").replace(
+            "/", "."), name=name, time="0")
+        totals["tests"] += 1
+        if outcome == "failed":
+            ET.SubElement(case, "failure", message=message).text = message
+            totals["failures"] += 1
+        elif outcome == "skipped":
+            ET.SubElement(case, "skipped", message=message)
+            totals["skipped"] += 1
     for key in _COUNTS:
         merged.set(key, str(totals[key]))
     merged.set("time", f"{seconds:.3f}")  # wall clock of the parallel run
@@ -59,9 +81,77 @@ def merge_junit(parts: list[str], target: str, seconds: float) -> dict[str, int]
     return totals
 
 
+class Shard:
+    """One shard's tests, run in as many pytest processes as faults make necessary."""
+
+    def __init__(self, index: int, ids: list[str], stem: str, restarts: int):
+        self.index, self.ids, self.stem, self.restarts = index, ids, stem, restarts
+        self.parts: list[str] = []
+        self.crashed: list[tuple[str, str]] = []
+        self.unwritten: list[tuple[str, str, str]] = []  # finished in a process that then died
+        self.missing: list[str] = []
+        self.lines: list[str] = []
+        self.codes: list[int] = []
+
+    def _run_once(self, tests: list[str], attempt: int) -> tuple[int, set[str]]:
+        suffix = "" if attempt == 0 else f"-r{attempt}"
+        junit = f"{self.stem}-{self.index}{suffix}.xml"
+        finished = os.path.abspath(f"{self.stem}-{self.index}{suffix}.done")
+        if os.path.exists(finished):
+            os.remove(finished)
+        env = dict(os.environ, GPU_TESTS_FINISHED=finished)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+                   "-p", "gpu_tests_plugin", f"--junitxml={junit}", *tests]
+        with open(f"{self.stem}-{self.index}.log", "a") as log:
+            log.write(f"== gpu_tests: shard {self.index}, process {attempt + 1}: "
+                      f"{len(tests)} tests\n")
+            log.flush()
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  check=False).returncode
+        records = []
+        if os.path.exists(finished):
+            with open(finished) as handle:
+                records = [json.loads(line) for line in handle if line.strip()]
+        if os.path.exists(junit):
+            self.parts.append(junit)
+        else:  # died before pytest wrote it: the finished tests' own records stand in
+            self.unwritten += [(r["nodeid"], r["outcome"], r["message"]) for r in records]
+        return code, {r["nodeid"] for r in records}
+
+    def run(self) -> None:
+        remaining = list(self.ids)
+        attempt = 0
+        while remaining:
+            code, done = self._run_once(remaining, attempt)
+            self.codes.append(code)
+            left = [t for t in remaining if t not in done]
+            if not left:
+                break
+            if code < 0 or code not in (0, 1, 2, 5):
+                # the process died during left[0] (a segfault, an abort): report it, go on
+                self.crashed.append((left[0], f"the test process died (exit code {code}) "
+                                              f"while this test ran"))
+                left = left[1:]
+            elif code != 2:
+                # ended normally without running these (not collected): nothing to retry
+                self.missing.extend(left)
+                break
+            if attempt == self.restarts:
+                self.missing.extend(left)
+                break
+            remaining = left
+            attempt += 1
+        with open(f"{self.stem}-{self.index}.log") as handle:
+            self.lines = handle.read().splitlines()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--restarts", type=int, default=8,
+                        help="fresh processes per shard after a fault (default 8)")
     parser.add_argument("--junitxml", required=True)
     parser.add_argument("--marker", default="gpu", help="pytest -m expression")
     parser.add_argument("paths", nargs="*", default=["tests"])
@@ -70,34 +160,42 @@ def main() -> int:
     if not ids:
         print("gpu_tests: no tests collected")
         return 1
-    shards = max(1, min(args.shards, len(ids)))
+    count = max(1, min(args.shards, len(ids)))
     stem = os.path.splitext(args.junitxml)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.junitxml)), exist_ok=True)
+    for index in range(count):
+        if os.path.exists(f"{stem}-{index}.log"):
+            os.remove(f"{stem}-{index}.log")
     began = time.monotonic()
-    running = []
-    for index in range(shards):
-        chosen = ids[index::shards]
-        log = open(f"{stem}-{index}.log", "w")
-        command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-                   f"--junitxml={stem}-{index}.xml", *chosen]
-        running.append((index, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
-                        log, len(chosen)))
+    shards = [Shard(index, ids[index::count], stem, args.restarts) for index in range(count)]
+    threads = [threading.Thread(target=shard.run) for shard in shards]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     status = 0
-    for index, process, log, count in running:
-        code = process.wait()
-        log.close()
-        with open(f"{stem}-{index}.log") as handle:
-            lines = handle.read().splitlines()
-        for line in lines:
+    for shard in shards:
+        for line in shard.lines:
             if line.startswith(("FAILED ", "ERROR ")):
                 print(line[:200])
-        print(f"gpu_tests: shard {index} ({count} tests) exit {code}: "
-              f"{lines[-1] if lines else 'no output'}")
-        if code not in (0, 5):
+        for nodeid, message in shard.crashed:
+            print(f"CRASHED {nodeid} - {message}"[:200])
+        for nodeid in shard.missing:
+            print(f"MISSING {nodeid}"[:200])
+        exits = ", ".join(str(code) for code in shard.codes)
+        summary = [line for line in shard.lines if not line.startswith("== gpu_tests")]
+        print(f"gpu_tests: shard {shard.index} ({len(shard.ids)} tests, "
+              f"{len(shard.codes)} process{'es' if len(shard.codes) > 1 else ''}) exit {exits}: "
+              f"{summary[-1] if summary else 'no output'}")
+        if shard.crashed or shard.missing or any(code not in (0, 5) for code in shard.codes):
             status = 1
     seconds = time.monotonic() - began
-    totals = merge_junit([f"{stem}-{i}.xml" for i in range(shards)], args.junitxml, seconds)
+    parts = [part for shard in shards for part in shard.parts]
+    extra = [entry for shard in shards for entry in shard.unwritten]
+    extra += [(nodeid, "failed", message) for shard in shards for nodeid, message in shard.crashed]
+    totals = merge_junit(parts, args.junitxml, seconds, extra)
     print(f"gpu_tests: {totals['tests']} tests, {totals['failures']} failed, "
-          f"{totals['errors']} errors, {totals['skipped']} skipped in {shards} shards, "
+          f"{totals['errors']} errors, {totals['skipped']} skipped in {count} shards, "
           f"{seconds:.0f}s")
     if totals["tests"] < len(ids):
         print(f"gpu_tests: only {totals['tests']} of {len(ids)} tests reported")

@@ -42,3 +42,61 @@ def test_runner_shards_reports_and_merges(tmp_path):
     assert len(suite.findall("testcase")) == 8
     assert sorted(p.name for p in junit.parent.glob("gpu-tests-*.xml")) == [
         "gpu-tests-0.xml", "gpu-tests-1.xml", "gpu-tests-2.xml"]
+
+
+FAULTY_SUITE = '''
+import os
+import signal
+
+def _note(name):
+    with open("pids.txt", "a") as handle:
+        handle.write(f"{name} {os.getpid()}\\n")
+
+def test_a():
+    _note("a")
+
+def test_b_sticky():
+    _note("b")
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+def test_c():
+    _note("c")
+
+def test_d_dies():
+    _note("d")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def test_e():
+    _note("e")
+
+def test_f_fails():
+    _note("f")
+    assert False, "an ordinary failure keeps the process"
+
+def test_g():
+    _note("g")
+'''
+
+
+def test_runner_goes_on_after_sticky_errors_and_dead_processes(tmp_path):
+    """A sticky CUDA error stops its process after that test and a killed process loses only
+    the test it was running: the shard's other tests run in fresh processes and are reported."""
+    (tmp_path / "test_faulty.py").write_text(FAULTY_SUITE)
+    junit = tmp_path / "out" / "gpu-tests.xml"  # the runner makes the directory
+    done = subprocess.run([sys.executable, str(RUNNER), "--shards", "1", "--junitxml", str(junit),
+                           "--marker", "not gpu", "test_faulty.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "FAILED test_faulty.py::test_b_sticky" in output
+    assert "FAILED test_faulty.py::test_f_fails" in output
+    assert "CRASHED test_faulty.py::test_d_dies" in output
+    assert "MISSING" not in output
+    assert "7 tests, 3 failed, 0 errors, 0 skipped in 1 shards" in output
+    assert "(7 tests, 3 processes) exit 2, -9, 1" in output
+    pids = dict(line.split() for line in (tmp_path / "pids.txt").read_text().splitlines())
+    assert pids["a"] == pids["b"] != pids["c"] == pids["d"] != pids["e"] == pids["f"] == pids["g"]
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "7" and suite.get("failures") == "3"
+    crashed = [case for case in suite.findall("testcase") if case.get("name") == "test_d_dies"]
+    assert len(crashed) == 1 and crashed[0].find("failure") is not None
