@@ -14,8 +14,11 @@ A kernel that faults must not take the rest of a shard with it: each pytest proc
 gpu_tests_plugin.py, which records the tests it finished and stops the process after a sticky
 CUDA error (an illegal address and the like, after which every CUDA call in the process fails).
 A shard whose process stopped early, or died (a segfault), goes on with its unfinished tests in a
-fresh process, at most --restarts times; a test that was running when its process died is
-reported as failed ("crashed"), one that never ran as missing.
+fresh process, at most --restarts times; a process in which no test has finished for
+--test-timeout seconds (a hung kernel) is killed and treated the same. A test that was running
+when its process died is reported as failed ("crashed"), one that never ran as missing. On
+SIGTERM (an outer timeout) the runner stops its processes and still writes the merged report of
+every test that finished.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -84,8 +88,14 @@ def merge_junit(parts: list[str], target: str, seconds: float,
 class Shard:
     """One shard's tests, run in as many pytest processes as faults make necessary."""
 
-    def __init__(self, index: int, ids: list[str], stem: str, restarts: int):
+    stopping = threading.Event()  # set on SIGTERM: no more processes, report what finished
+
+    def __init__(self, index: int, ids: list[str], stem: str, restarts: int,
+                 test_timeout: float):
         self.index, self.ids, self.stem, self.restarts = index, ids, stem, restarts
+        self.test_timeout = test_timeout
+        self.process: subprocess.Popen | None = None
+        self.hung = False
         self.parts: list[str] = []
         self.crashed: list[tuple[str, str]] = []
         self.unwritten: list[tuple[str, str, str]] = []  # finished in a process that then died
@@ -108,8 +118,8 @@ class Shard:
             log.write(f"== gpu_tests: shard {self.index}, process {attempt + 1}: "
                       f"{len(tests)} tests\n")
             log.flush()
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  check=False).returncode
+            code = self._watch(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                env=env), finished)
         records = []
         if os.path.exists(finished):
             with open(finished) as handle:
@@ -120,19 +130,43 @@ class Shard:
             self.unwritten += [(r["nodeid"], r["outcome"], r["message"]) for r in records]
         return code, {r["nodeid"] for r in records}
 
+    def _watch(self, process: subprocess.Popen, finished: str) -> int:
+        """Wait for the process; kill it when no test has finished for test_timeout seconds
+        (a hung kernel) or when the runner is stopping."""
+        self.process, self.hung = process, False
+        last_size, last_change = -1, time.monotonic()
+        while process.poll() is None:
+            size = os.path.getsize(finished) if os.path.exists(finished) else 0
+            if size != last_size:
+                last_size, last_change = size, time.monotonic()
+            elif time.monotonic() - last_change > self.test_timeout:
+                self.hung = True
+                process.kill()
+            if self.stopping.is_set():
+                process.kill()
+            time.sleep(0.2)
+        return process.returncode
+
     def run(self) -> None:
         remaining = list(self.ids)
         attempt = 0
         while remaining:
             code, done = self._run_once(remaining, attempt)
             self.codes.append(code)
+            if code == -signal.SIGTERM:  # the outer timeout's signal reached the process first
+                Shard.stopping.set()
             left = [t for t in remaining if t not in done]
             if not left:
                 break
+            if self.stopping.is_set():
+                self.missing.extend(left)
+                break
             if code < 0 or code not in (0, 1, 2, 5):
-                # the process died during left[0] (a segfault, an abort): report it, go on
-                self.crashed.append((left[0], f"the test process died (exit code {code}) "
-                                              f"while this test ran"))
+                # the process died during left[0] (a segfault, an abort, a hang): report it
+                why = (f"no test finished for {self.test_timeout:.0f} s; the test process was "
+                       f"killed" if self.hung else
+                       f"the test process died (exit code {code})")
+                self.crashed.append((left[0], f"{why} while this test ran"))
                 left = left[1:]
             elif code != 2:
                 # ended normally without running these (not collected): nothing to retry
@@ -152,6 +186,9 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--restarts", type=int, default=8,
                         help="fresh processes per shard after a fault (default 8)")
+    parser.add_argument("--test-timeout", type=float, default=240,
+                        help="seconds without a finished test after which a shard's process "
+                             "is killed as hung (default 240)")
     parser.add_argument("--junitxml", required=True)
     parser.add_argument("--marker", default="gpu", help="pytest -m expression")
     parser.add_argument("paths", nargs="*", default=["tests"])
@@ -167,12 +204,19 @@ def main() -> int:
         if os.path.exists(f"{stem}-{index}.log"):
             os.remove(f"{stem}-{index}.log")
     began = time.monotonic()
-    shards = [Shard(index, ids[index::count], stem, args.restarts) for index in range(count)]
+    shards = [Shard(index, ids[index::count], stem, args.restarts, args.test_timeout)
+              for index in range(count)]
+    # An outer `timeout` sends SIGTERM (to the whole process group): stop the shards and still
+    # report every test that finished.
+    signal.signal(signal.SIGTERM, lambda signum, frame: Shard.stopping.set())
     threads = [threading.Thread(target=shard.run) for shard in shards]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        while thread.is_alive():
+            thread.join(0.5)
+    if Shard.stopping.is_set():
+        print("gpu_tests: stopped by SIGTERM; reporting the tests that finished")
     status = 0
     for shard in shards:
         for line in shard.lines:

@@ -3,8 +3,11 @@ runner would cost device time): shards, failures, merged JUnit and exit status, 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -100,3 +103,53 @@ def test_runner_goes_on_after_sticky_errors_and_dead_processes(tmp_path):
     assert suite is not None and suite.get("tests") == "7" and suite.get("failures") == "3"
     crashed = [case for case in suite.findall("testcase") if case.get("name") == "test_d_dies"]
     assert len(crashed) == 1 and crashed[0].find("failure") is not None
+
+
+HANGING_SUITE = '''
+import time
+
+def test_a():
+    pass
+
+def test_b_hangs():
+    time.sleep(600)
+
+def test_c():
+    pass
+'''
+
+
+def test_runner_kills_a_hung_process_and_goes_on(tmp_path):
+    (tmp_path / "test_hang.py").write_text(HANGING_SUITE)
+    junit = tmp_path / "gpu-tests.xml"
+    done = subprocess.run([sys.executable, str(RUNNER), "--shards", "1", "--test-timeout", "3",
+                           "--junitxml", str(junit), "--marker", "not gpu", "test_hang.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "CRASHED test_hang.py::test_b_hangs - no test finished for 3 s" in output
+    assert "3 tests, 1 failed, 0 errors, 0 skipped in 1 shards" in output
+
+
+def test_runner_reports_finished_tests_when_terminated(tmp_path):
+    """An outer `timeout` sends SIGTERM to the runner's process group: the merged report still
+    holds every test that finished."""
+    (tmp_path / "test_hang.py").write_text(HANGING_SUITE)
+    junit = tmp_path / "gpu-tests.xml"
+    runner = subprocess.Popen([sys.executable, str(RUNNER), "--shards", "1", "--junitxml",
+                               str(junit), "--marker", "not gpu", "test_hang.py"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    finished = tmp_path / "gpu-tests-0.done"
+    deadline = time.monotonic() + 60
+    while not (finished.exists() and finished.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # test_b_hangs is running
+    os.killpg(runner.pid, signal.SIGTERM)
+    output, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 1, output
+    assert "stopped by SIGTERM" in output
+    assert "MISSING test_hang.py::test_b_hangs" in output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None
+    assert [case.get("name") for case in suite.findall("testcase")] == ["test_a"]
