@@ -9,10 +9,10 @@
 # which is a no-op on a warm machine, and the benchmarks).
 #
 # Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_MODEL,
-# LIMIT_NATIVE_WGMMA, LIMIT_NATIVE_HALO, LIMIT_FIRST_UNPADDED seconds override the defaults) and
-# logs to $OUT/log.txt; a failing step does not stop the next. $OUT/device_check.json records each
-# step's status and time; the benchmark steps write their own JSON next to it. The last lines
-# printed are the summary table.
+# LIMIT_NATIVE_WGMMA, LIMIT_NATIVE_HALO, LIMIT_NATIVE_HALO_T, LIMIT_FIRST_UNPADDED seconds
+# override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next.
+# $OUT/device_check.json records each step's status and time; the benchmark steps write their
+# own JSON next to it. The last lines printed are the summary table.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -79,7 +79,7 @@ fi
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
 # torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
 # the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode, then the
-# opt-in and alternative kernels (most needed first: the step limits add up to 580 s, so a
+# opt-in and alternative kernels (most needed first: the step limits add up to 630 s, so a
 # call cut short loses the least).
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 if [ "$PART" != tests ]; then
@@ -89,6 +89,11 @@ step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENC
 step bench-model "${LIMIT_MODEL:-200}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
     --time-limit $(( ${LIMIT_MODEL:-200} - 80 )) --out "$OUT/model.json"
+# the first block on its unpadded 3 channels (flattened pointer path), against the padded
+# descriptor path that bench-layers timed
+step bench-first-unpadded "${LIMIT_FIRST_UNPADDED:-40}" env VGG_KERNELS_TRITON_PAD_CHANNELS=0 \
+    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends triton,eager --no-compile \
+    --layers conv1_1 --out "$OUT/layers-first-unpadded.json"
 # the native backend's Hopper (wgmma) inference kernel, switched on, against cuDNN eager
 step bench-native-wgmma "${LIMIT_NATIVE_WGMMA:-80}" env VGG_KERNELS_NATIVE_WGMMA=1 \
     $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
@@ -98,11 +103,12 @@ step bench-native-wgmma "${LIMIT_NATIVE_WGMMA:-80}" env VGG_KERNELS_NATIVE_WGMMA
 step bench-native-halo "${LIMIT_NATIVE_HALO:-80}" env VGG_KERNELS_NATIVE_WGMMA=halo \
     $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
     --time-limit $(( ${LIMIT_NATIVE_HALO:-80} - 30 )) --out "$OUT/layers-native-halo.json"
-# the first block on its unpadded 3 channels (flattened pointer path), against the padded
-# descriptor path that bench-layers timed
-step bench-first-unpadded "${LIMIT_FIRST_UNPADDED:-40}" env VGG_KERNELS_TRITON_PAD_CHANNELS=0 \
-    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends triton,eager --no-compile \
-    --layers conv1_1 --out "$OUT/layers-first-unpadded.json"
+# the same with the pixels as the MMA's N operand (64 output channels per CTA), on the blocks it
+# is for: 64 and 128 output channels, where the other orientation's m64n64 / m64n128 MMAs are
+# short of shared-memory bandwidth
+step bench-native-halo-t "${LIMIT_NATIVE_HALO_T:-50}" env VGG_KERNELS_NATIVE_WGMMA=halo-t \
+    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
+    --layers conv1_2,conv2_1,conv2_2 --out "$OUT/layers-native-halo-t.json"
 if [ $QUICK -eq 0 ]; then
     step tune-triton 240 $PY benchmarks/tune_triton.py --candidates --out "$OUT/tune_triton.json"
 fi
@@ -126,7 +132,7 @@ for s in summary["steps"]:
 EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-for suite in layers layers-first-unpadded layers-native-wgmma layers-native-halo model; do
+for suite in layers layers-first-unpadded layers-native-wgmma layers-native-halo layers-native-halo-t model; do
     if [ -f "$OUT/$suite.json" ]; then
         $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
     fi

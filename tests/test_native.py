@@ -4,6 +4,7 @@ the TORCH_LIBRARY registration, and (marked gpu) the CUDA kernels against cuDNN.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -498,10 +499,11 @@ HALO_SHAPES = [(2, 64, 72, 9, 11, 3, True), (1, 128, 40, 17, 9, 3, False),
                (2, 192, 136, 19, 23, 3, False), (1, 64, 64, 33, 16, 3, True)]
 
 
-@pytest.fixture
-def native_wgmma_halo(native_wgmma, monkeypatch):
-    """The native backend with VGG_KERNELS_NATIVE_WGMMA=halo."""
-    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "halo")
+@pytest.fixture(params=["halo", "halo-t"])
+def native_wgmma_halo(request, native_wgmma, monkeypatch):
+    """The native backend with VGG_KERNELS_NATIVE_WGMMA=halo (pixels as the MMA's M operand)
+    and =halo-t (pixels as N)."""
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", request.param)
     return native_wgmma
 
 
@@ -517,7 +519,11 @@ def test_cuda_wgmma_halo_infer_matches_cudnn(layer, native_wgmma_halo):
 @pytest.mark.parametrize("shape", HALO_SHAPES,
                          ids=["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in HALO_SHAPES])
 def test_cuda_wgmma_halo_infer_odd_shapes(shape, dtype, tile, native_wgmma_halo, monkeypatch):
+    """Every channel tile of the pixels-as-M kernel; the pixels-as-N one has 64 channels per CTA
+    (the tile switch does not apply to it)."""
     if tile != "auto":
+        if os.environ["VGG_KERNELS_NATIVE_WGMMA"] == "halo-t":
+            pytest.skip("halo-t has one channel tile")
         monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", tile)
     test_cuda_infer_odd_shapes(shape, dtype, native_wgmma_halo)
 
@@ -530,20 +536,28 @@ def _cuda_kernel_names(fn) -> list[str]:
             if event.device_type == torch.autograd.DeviceType.CUDA]
 
 
+# the kernel each switch value runs a layer on: demangled (kernel<T, 64, true, ...>) or mangled
+# (...kernelI...Li64ELb1E...) names; the halo kernel's third template argument is pixels-as-N
+_HALO_M = r"conv_wgmma_halo_kernel(<[^,]+, \d+, false|I\w+?Li\d+ELb0E)"
+_HALO_N = r"conv_wgmma_halo_kernel(<[^,]+, 64, true|I\w+?Li64ELb1E)"
+_PLAIN = r"conv_wgmma_kernel[<I]"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("c, r, kernel", [(64, 3, "conv_wgmma_halo_kernel"),
-                                          (24, 3, "conv_wgmma_kernel"),
-                                          (64, 1, "conv_wgmma_kernel")],
-                         ids=["C64R3", "C24R3", "C64R1"])
-def test_cuda_wgmma_halo_switch_picks_the_kernel(c, r, kernel, native_wgmma_halo):
-    """=halo runs 3x3 layers with C % 64 == 0 on the halo kernel, the rest on the other one."""
+@pytest.mark.parametrize("mode, c, r, kernel", [
+    ("halo", 64, 3, _HALO_M), ("halo-t", 64, 3, _HALO_N), ("halo", 24, 3, _PLAIN),
+    ("halo-t", 24, 3, _PLAIN), ("halo", 64, 1, _PLAIN), ("1", 64, 3, _PLAIN)],
+    ids=["halo-C64R3", "halo-t-C64R3", "halo-C24R3", "halo-t-C24R3", "halo-C64R1", "1-C64R3"])
+def test_cuda_wgmma_switch_picks_the_kernel(mode, c, r, kernel, native_wgmma, monkeypatch):
+    """=halo and =halo-t run 3x3 layers with C % 64 == 0 on the halo kernel in their
+    orientation, the rest on the other wgmma kernel; =1 never runs the halo kernel."""
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", mode)
     x, weight, scale, shift = _conv_inputs(2, c, 16, 12, 10, r, torch.bfloat16,
                                            torch.device("cuda"))
     names = _cuda_kernel_names(
-        lambda: native_wgmma_halo.conv_bn_relu_infer(x, weight, scale, shift, False))
+        lambda: native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False))
     launched = [name for name in names if "conv_wgmma" in name]
-    # demangled (kernel<...>) or mangled (...kernelI...) names
-    assert launched and all(re.search(kernel + "[<I]", name) for name in launched), names
+    assert launched and all(re.search(kernel, name) for name in launched), names
 
 
 @pytest.mark.gpu
@@ -551,7 +565,7 @@ def test_cuda_wgmma_switch_rejects_other_values(native_wgmma, monkeypatch):
     monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "yes")
     x, weight, scale, shift = _conv_inputs(1, 16, 16, 4, 4, 3, torch.bfloat16,
                                            torch.device("cuda"))
-    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_WGMMA must be 0, 1 or halo"):
+    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_WGMMA must be 0, 1, halo or halo-t"):
         native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False)
 
 

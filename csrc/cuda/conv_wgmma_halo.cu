@@ -21,8 +21,19 @@
 // while steps t + 1 .. t + kAhead are in flight. The halo has two buffers: channel block b + 1's
 // halo is copied with the first tap of b + 1, during b's taps, into the buffer b - 1 used.
 //
+// The same halo feeds a second orientation (VGG_KERNELS_NATIVE_WGMMA=halo-t): the pixels as the
+// N operand and 64 output channels as M, D (channels x pixels) = W x X^T, for a 16 x 16 block of
+// output positions (each warpgroup an 8-column half: N = 16 rows x 8 = 128, the next row group
+// 18 pixels on). With the pixels as M, a layer with 64 output channels runs wgmma.m64n64k16,
+// whose two shared-memory operands (4 KB per 32 tensor-core cycles) take all of the SM's 128
+// B/cycle of shared-memory bandwidth before the copies into it; m64n128k16 with 64 channels as M
+// reads 6 KB per 64 cycles. Per 64-channel block a CTA reads 324 halo pixels and nine 64 x 64
+// weight tiles for 256 x 64 outputs: 0.0061 B/FLOP. The accumulator holds a 2x2 window's four
+// values in one thread (rows j, j + 1 of the N index, columns e = 0, 1), so the pool needs no
+// shuffles; stores are 2 channels per thread, 8 lanes per 16 contiguous bytes.
+//
 // Used for fp16/bf16 3x3 inference with C a multiple of 64 and K a multiple of 8 when
-// VGG_KERNELS_NATIVE_WGMMA=halo; other layers take conv_wgmma.cu's kernel.
+// VGG_KERNELS_NATIVE_WGMMA=halo or halo-t; other layers take conv_wgmma.cu's kernel.
 #include "conv_bn_relu.cuh"
 #include "wgmma.cuh"
 
@@ -31,35 +42,52 @@ namespace {
 
 using namespace wgmma;
 
-constexpr int kThreads = 256;            // two warpgroups
-constexpr int kTileH = 16, kTileW = 8;   // output positions per CTA; warpgroup g: rows 8g .. 8g + 7
-constexpr int kHaloW = kTileW + 2;       // 10
-constexpr int kHaloPixels = (kTileH + 2) * kHaloW;  // 180
-constexpr int kBK = 64;                  // channels per block: one 128-byte row of B
-constexpr int kChunks = kBK / 8;         // 16-byte chunks per pixel and block
+constexpr int kThreads = 256;   // two warpgroups
+constexpr int kBK = 64;         // channels per block: one 128-byte row of a weight tile
+constexpr int kChunks = kBK / 8;  // 16-byte chunks per pixel and block
 constexpr int kTaps = 9;
-// Plane pitch in pixels: odd, so the 8 chunks of one pixel (8 threads' 16-byte stores, one
-// store phase) land in 8 distinct 4-bank groups: plane c starts at bank 4 * (181 * c mod 8).
-constexpr int kPlanePixels = kHaloPixels + 1;
-constexpr int kPlaneBytes = kPlanePixels * 16;   // 2896: leading byte offset of A
-constexpr int kHaloBytes = kChunks * kPlaneBytes;  // 23168 per buffer
-constexpr int kHaloCopies = (kHaloPixels * kChunks + kThreads - 1) / kThreads;  // 6 per thread
-constexpr int kRowGroupBytes = kHaloW * 16;      // 160: stride byte offset of A (next output row)
-constexpr int kRowsPerPass = kThreads / kChunks;  // 32 rows of B per copy pass
+constexpr int kRowsPerPass = kThreads / kChunks;  // 32 weight rows per copy pass
 
-template <int BN>
+// Where a CTA's outputs and halo lie, per orientation. kPixelsN = false: pixels are the M
+// operand, a 16 x 8 block, warpgroup g owns rows 8g .. 8g + 7 (8 row groups of 8 pixels);
+// true: pixels are the N operand, a 16 x 16 block, warpgroup g owns columns 8g .. 8g + 7 (16 row
+// groups). Plane pitch: halo pixels + 1, odd, so the 8 chunks of one pixel (8 threads' 16-byte
+// stores, one store phase) land in 8 distinct 4-bank groups.
+template <bool kPixelsN>
+struct HaloShape {
+  static constexpr int kTileH = 16, kTileW = kPixelsN ? 16 : 8;
+  static constexpr int kHaloW = kTileW + 2;
+  static constexpr int kPixels = (kTileH + 2) * kHaloW;  // 180 or 324
+  static constexpr int kPlaneBytes = (kPixels + 1) * 16;   // leading byte offset of the operand
+  static constexpr int kBytes = kChunks * kPlaneBytes;     // one buffer: 23168 or 41600
+  static constexpr int kCopies = (kPixels * kChunks + kThreads - 1) / kThreads;  // per thread
+  static constexpr int kGroupBytes = kHaloW * 16;  // stride byte offset: the next output row
+  static constexpr int kGroups = kPixelsN ? 16 : 8;  // row groups of 8 pixels per warpgroup
+  // first halo pixel of warpgroup wg's operand for tap (r, s)
+  static __device__ __forceinline__ int first_pixel(int wg, int r, int s) {
+    return kPixelsN ? r * kHaloW + 8 * wg + s : (8 * wg + r) * kHaloW + s;
+  }
+};
+
+// Shared memory: a ring of weight tiles (BN rows x 64 channels, 128-byte swizzled), one per
+// (channel block, tap) step, then two halo buffers.
+template <int BN, bool kPixelsN>
 struct HaloTile {
   static_assert(BN == 64 || BN == 128 || BN == 256, "wgmma tiles of 64, 128 or 256 channels");
-  static constexpr int kBBytes = BN * kBK * 2;  // one B stage, 1024-byte multiple
+  static_assert(!kPixelsN || BN == 64, "with the pixels as N, 64 channels are M");
+  using Shape = HaloShape<kPixelsN>;
+  static constexpr int kBBytes = BN * kBK * 2;  // one weight stage, 1024-byte multiple
   static constexpr int kStages = BN == 256 ? 4 : 5;
   static constexpr int kAhead = kStages - 2;  // steps loaded ahead of the multiplied one
   // The halo buffer for block b + 1 is refilled at step 9 (b + 1) - kAhead, after the barrier
   // that follows every MMA up to step 9 (b + 1) - kAhead - 2; block b - 1's last MMA was step
   // 9 b - 1, so kAhead <= 8 keeps the refill behind it.
   static_assert(kAhead <= kTaps - 1, "a halo buffer is refilled only after its MMAs drained");
-  // B stages, two halo buffers, slack to align the B stages to 1 KB: 86, 126 and 174 KB
-  static constexpr int kSmemBytes = kStages * kBBytes + 2 * kHaloBytes + 1024;
+  // weight stages, two halo buffers, slack to align the stages to 1 KB: 86, 126 and 174 KB
+  // (pixels as M, 64, 128 and 256 channels), 122 KB (pixels as N)
+  static constexpr int kSmemBytes = kStages * kBBytes + 2 * Shape::kBytes + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than a Hopper CTA can have");
+  static constexpr int kN = kPixelsN ? 8 * Shape::kGroups : BN;  // the MMA's N
 };
 
 // Output tiles: kTileH x kTileW conv outputs of one image; with pool, over the 2 * out_h x
@@ -68,24 +96,27 @@ struct HaloGrid {
   int64_t tiles_h, tiles_w, num_n, ctas;
 };
 
+template <bool kPixelsN>
 HaloGrid halo_grid(const ConvParams& p, int bn) {
+  using Shape = HaloShape<kPixelsN>;
   const int64_t rows = p.pool ? 2 * p.out_h : p.h, cols = p.pool ? 2 * p.out_w : p.w;
   HaloGrid g;
-  g.tiles_h = ceil_div(rows, kTileH);
-  g.tiles_w = ceil_div(cols, kTileW);
+  g.tiles_h = ceil_div(rows, Shape::kTileH);
+  g.tiles_w = ceil_div(cols, Shape::kTileW);
   g.num_n = ceil_div(p.k, bn);
   g.ctas = p.n * g.tiles_h * g.tiles_w * g.num_n;
   return g;
 }
 
 // The kernel's body exists in sm_90a compilations only (see conv_wgmma.cu).
-template <typename T, int BN, bool kPool>
+template <typename T, int BN, bool kPixelsN, bool kPool>
 __global__ void __launch_bounds__(kThreads, 1)
     conv_wgmma_halo_kernel(const ConvParams p, const int64_t tiles_h, const int64_t tiles_w) {
-  using Tile = HaloTile<BN>;
+  using Tile = HaloTile<BN, kPixelsN>;
+  using Shape = typename Tile::Shape;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kBCopies = BN / kRowsPerPass;  // B copies per thread and step
-  constexpr int kAccumulators = BN / 2;        // fp32 registers: 64 x BN over 128 threads
+  constexpr int kBCopies = BN / kRowsPerPass;  // weight copies per thread and step
+  constexpr int kAccumulators = Tile::kN / 2;  // fp32 registers: 64 x N over 128 threads
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem_base = (raw_base + 1023u) & ~1023u;
@@ -102,8 +133,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t n_block = static_cast<int64_t>(blockIdx.x % num_n) * BN;
   const int64_t image = tile / (tiles_h * tiles_w);
   const int64_t spatial = tile % (tiles_h * tiles_w);
-  const int oh0 = static_cast<int>(spatial / tiles_w) * kTileH;
-  const int ow0 = static_cast<int>(spatial % tiles_w) * kTileW;
+  const int oh0 = static_cast<int>(spatial / tiles_w) * Shape::kTileH;
+  const int ow0 = static_cast<int>(spatial % tiles_w) * Shape::kTileW;
   const T* x = static_cast<const T*>(p.x);
   const T* weight = static_cast<const T*>(p.weight);
   const int steps = kTaps * static_cast<int>(p.c / kBK);
@@ -111,35 +142,35 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ---- halo copies: thread tid copies chunks tid + 256 j (pixel = chunk / 8, plane = chunk % 8,
   // so 8 consecutive threads read one pixel's 128 contiguous bytes); the element offset of each
   // in x for channel block 0, or -1 outside the image (zero fill).
-  int64_t halo_src[kHaloCopies];
+  int64_t halo_src[Shape::kCopies];
 #pragma unroll
-  for (int j = 0; j < kHaloCopies; ++j) {
+  for (int j = 0; j < Shape::kCopies; ++j) {
     const int index = tid + j * kThreads;
     const int pixel = index / kChunks, plane = index % kChunks;
-    const int ih = oh0 - 1 + pixel / kHaloW, iw = ow0 - 1 + pixel % kHaloW;
-    const bool ok = index < kHaloPixels * kChunks && inside(ih, p.h) && inside(iw, p.w);
+    const int ih = oh0 - 1 + pixel / Shape::kHaloW, iw = ow0 - 1 + pixel % Shape::kHaloW;
+    const bool ok = index < Shape::kPixels * kChunks && inside(ih, p.h) && inside(iw, p.w);
     halo_src[j] = ok ? ((image * p.h + ih) * p.w + iw) * p.c + plane * 8 : -1;
   }
-  // ---- B copies: chunk column tid % 8 of rows tid / 8 + 32 j
+  // ---- weight copies: chunk column tid % 8 of rows tid / 8 + 32 j
   const int chunk_col = tid % kChunks;
   const int row0 = tid / kChunks;
 
   auto load_step = [&](int t) {
     const int tap = t % kTaps, block = t / kTaps;
     if (tap == 0) {  // the block's halo, into buffer block % 2
-      unsigned char* halo = halo_smem + (block & 1) * kHaloBytes;
+      unsigned char* halo = halo_smem + (block & 1) * Shape::kBytes;
 #pragma unroll
-      for (int j = 0; j < kHaloCopies; ++j) {
+      for (int j = 0; j < Shape::kCopies; ++j) {
         const int index = tid + j * kThreads;
-        if (index < kHaloPixels * kChunks) {
+        if (index < Shape::kPixels * kChunks) {
           const int pixel = index / kChunks, plane = index % kChunks;
           const bool ok = halo_src[j] >= 0;
-          cp_async_16(halo + plane * kPlaneBytes + pixel * 16,
+          cp_async_16(halo + plane * Shape::kPlaneBytes + pixel * 16,
                       ok ? x + halo_src[j] + static_cast<int64_t>(block) * kBK : x, ok);
         }
       }
     }
-    unsigned char* b_tile = smem + (t % Tile::kStages) * Tile::kBBytes;
+    unsigned char* w_tile = smem + (t % Tile::kStages) * Tile::kBBytes;
     const int64_t kk = static_cast<int64_t>(tap) * p.c + static_cast<int64_t>(block) * kBK +
                        chunk_col * 8;
 #pragma unroll
@@ -147,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row = row0 + j * kRowsPerPass;
       const int64_t n = n_block + row;
       const bool ok = n < p.k;
-      cp_async_16(b_tile + swizzled(row, chunk_col), ok ? weight + n * p.kdim + kk : weight, ok);
+      cp_async_16(w_tile + swizzled(row, chunk_col), ok ? weight + n * p.kdim + kk : weight, ok);
     }
   };
 
@@ -169,18 +200,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_proxy_async();
     __syncthreads();  // everyone's copies of step s; everyone's MMAs of step s - 2 are done
     const int tap = s % kTaps, block = s / kTaps;
-    // first A row of this warpgroup for the tap: halo pixel (8 wg + tap / 3, tap % 3)
-    const uint32_t a_addr = halo_base + (block & 1) * kHaloBytes +
-                            ((wg * 8 + tap / 3) * kHaloW + tap % 3) * 16;
-    const uint32_t b_addr = smem_base + (s % Tile::kStages) * Tile::kBBytes;
+    const uint32_t pixels = halo_base + (block & 1) * Shape::kBytes +
+                            Shape::first_pixel(wg, tap / 3, tap % 3) * 16;
+    const uint32_t weights = smem_base + (s % Tile::kStages) * Tile::kBBytes;
     wgmma_fence();
     fence_accumulators(acc);
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {  // k16 step ks: planes 2 ks and 2 ks + 1
-      WgmmaOp<T, BN>::mma(acc,
-                          plain_descriptor(a_addr + 2 * ks * kPlaneBytes, kPlaneBytes,
-                                           kRowGroupBytes),
-                          smem_descriptor(b_addr + 32 * ks));
+      const uint64_t pixel_desc = plain_descriptor(pixels + 2 * ks * Shape::kPlaneBytes,
+                                                   Shape::kPlaneBytes, Shape::kGroupBytes);
+      const uint64_t weight_desc = smem_descriptor(weights + 32 * ks);
+      if constexpr (kPixelsN) {
+        WgmmaOp<T, Tile::kN>::mma(acc, weight_desc, pixel_desc);
+      } else {
+        WgmmaOp<T, Tile::kN>::mma(acc, pixel_desc, weight_desc);
+      }
     }
     wgmma_commit();
     if (s + Tile::kAhead < steps) load_step(s + Tile::kAhead);
@@ -192,38 +226,81 @@ __global__ void __launch_bounds__(kThreads, 1)
   fence_accumulators(acc);
   cp_async_wait<0>();
 
-  // ---- epilogue on the registers: accumulator element 4 j + 2 h + e is row 16 warp + lane / 4
-  // + 8 h of this warpgroup's 64, i.e. output row oh0 + 8 wg + 2 warp + h, column
-  // ow0 + lane / 4; channel 8 j + 2 (lane % 4) + e.
+  // ---- epilogue on the registers: accumulator element 4 j + 2 h + e is M row 16 warp + lane / 4
+  // + 8 h of this warpgroup's 64 and N column 8 j + 2 (lane % 4) + e.
   T* y = static_cast<T*>(p.y);
-  const int oh = oh0 + 8 * wg + 2 * warp;  // + h
-  const int ow = ow0 + lane / 4;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int64_t n = n_block + 8 * j + 2 * (lane % 4);
-    const bool n_ok = n < p.k;  // k % 8 == 0: both channels of the pair are in range or not
-    const float scale0 = n_ok ? p.scale[n] : 0.0f, scale1 = n_ok ? p.scale[n + 1] : 0.0f;
-    const float shift0 = n_ok ? p.shift[n] : 0.0f, shift1 = n_ok ? p.shift[n + 1] : 0.0f;
-    float v0[2], v1[2];
+  if constexpr (kPixelsN) {
+    // M: channel n_block + 16 warp + lane / 4 + 8 h; N: output row oh0 + j, column
+    // ow0 + 8 wg + 2 (lane % 4) + e
+    const int ow = ow0 + 8 * wg + 2 * (lane % 4);  // + e
+    float scale[2], shift[2];
+    bool n_ok[2];
+    int64_t n[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      v0[h] = fmaxf(fmaf(acc[4 * j + 2 * h], scale0, shift0), 0.0f);
-      v1[h] = fmaxf(fmaf(acc[4 * j + 2 * h + 1], scale1, shift1), 0.0f);
+      n[h] = n_block + 16 * warp + lane / 4 + 8 * h;
+      n_ok[h] = n[h] < p.k;
+      scale[h] = n_ok[h] ? p.scale[n[h]] : 0.0f;
+      shift[h] = n_ok[h] ? p.shift[n[h]] : 0.0f;
     }
-    if constexpr (kPool) {
-      // a window's rows are h = 0, 1 of one thread (oh is even), its columns lanes 4 i and 4 i + 4
-      float m0 = fmaxf(v0[0], v0[1]), m1 = fmaxf(v1[0], v1[1]);
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 4));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 4));
-      const int ph = oh / 2, pw = ow / 2;
-      if ((lane & 4) == 0 && n_ok && ph < p.out_h && pw < p.out_w) {
-        store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + n, m0, m1);
-      }
-    } else {
+#pragma unroll
+    for (int j = 0; j < Shape::kGroups; j += kPool ? 2 : 1) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if (n_ok && oh + h < p.h && ow < p.w) {
-          store_pair(y + ((image * p.h + oh + h) * p.w + ow) * p.k + n, v0[h], v1[h]);
+        const auto value = [&](int row, int e) {
+          return fmaxf(fmaf(acc[4 * row + 2 * h + e], scale[h], shift[h]), 0.0f);
+        };
+        if constexpr (kPool) {
+          // the window: rows j, j + 1 (oh0 + j is even), columns e = 0, 1, all in this thread
+          const float m = fmaxf(fmaxf(value(j, 0), value(j, 1)),
+                                fmaxf(value(j + 1, 0), value(j + 1, 1)));
+          const int ph = (oh0 + j) / 2, pw = ow / 2;
+          if (n_ok[h] && ph < p.out_h && pw < p.out_w) {
+            y[((image * p.out_h + ph) * p.out_w + pw) * p.k + n[h]] = Convert<T>::from_float(m);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (n_ok[h] && oh0 + j < p.h && ow + e < p.w) {
+              y[((image * p.h + oh0 + j) * p.w + ow + e) * p.k + n[h]] =
+                  Convert<T>::from_float(value(j, e));
+            }
+          }
+        }
+      }
+    }
+  } else {
+    // M: output row oh0 + 8 wg + 2 warp + h, column ow0 + lane / 4; N: channel
+    // n_block + 8 j + 2 (lane % 4) + e
+    const int oh = oh0 + 8 * wg + 2 * warp;  // + h
+    const int ow = ow0 + lane / 4;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int64_t n = n_block + 8 * j + 2 * (lane % 4);
+      const bool n_ok = n < p.k;  // k % 8 == 0: both channels of the pair are in range or not
+      const float scale0 = n_ok ? p.scale[n] : 0.0f, scale1 = n_ok ? p.scale[n + 1] : 0.0f;
+      const float shift0 = n_ok ? p.shift[n] : 0.0f, shift1 = n_ok ? p.shift[n + 1] : 0.0f;
+      float v0[2], v1[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        v0[h] = fmaxf(fmaf(acc[4 * j + 2 * h], scale0, shift0), 0.0f);
+        v1[h] = fmaxf(fmaf(acc[4 * j + 2 * h + 1], scale1, shift1), 0.0f);
+      }
+      if constexpr (kPool) {
+        // a window's rows are h = 0, 1 of one thread (oh is even), its columns lanes 4 i, 4 i + 4
+        float m0 = fmaxf(v0[0], v0[1]), m1 = fmaxf(v1[0], v1[1]);
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 4));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 4));
+        const int ph = oh / 2, pw = ow / 2;
+        if ((lane & 4) == 0 && n_ok && ph < p.out_h && pw < p.out_w) {
+          store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + n, m0, m1);
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (n_ok && oh + h < p.h && ow < p.w) {
+            store_pair(y + ((image * p.h + oh + h) * p.w + ow) * p.k + n, v0[h], v1[h]);
+          }
         }
       }
     }
@@ -231,11 +308,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename T, int BN, bool kPool>
+template <typename T, int BN, bool kPixelsN, bool kPool>
 cudaError_t launch_halo(const ConvParams& p, cudaStream_t stream) {
-  auto kernel = conv_wgmma_halo_kernel<T, BN, kPool>;
-  constexpr int kSmem = HaloTile<BN>::kSmemBytes;
-  const HaloGrid grid = halo_grid(p, BN);
+  auto kernel = conv_wgmma_halo_kernel<T, BN, kPixelsN, kPool>;
+  constexpr int kSmem = HaloTile<BN, kPixelsN>::kSmemBytes;
+  const HaloGrid grid = halo_grid<kPixelsN>(p, BN);
   if (grid.ctas == 0) return cudaSuccess;
   const cudaError_t status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -246,15 +323,23 @@ cudaError_t launch_halo(const ConvParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t launch_halo_dtype(const ConvParams& p, int forced_tile, cudaStream_t stream) {
-  const HaloGrid tiles = halo_grid(p, 1);
+cudaError_t launch_halo_dtype(const ConvParams& p, bool pixels_n, int forced_tile,
+                              cudaStream_t stream) {
+  if (pixels_n) {
+    return p.pool ? launch_halo<T, 64, true, true>(p, stream)
+                  : launch_halo<T, 64, true, false>(p, stream);
+  }
+  const HaloGrid tiles = halo_grid<false>(p, 1);
   switch (channel_tile(p.n * tiles.tiles_h * tiles.tiles_w, p.k, forced_tile)) {
     case 64:
-      return p.pool ? launch_halo<T, 64, true>(p, stream) : launch_halo<T, 64, false>(p, stream);
+      return p.pool ? launch_halo<T, 64, false, true>(p, stream)
+                    : launch_halo<T, 64, false, false>(p, stream);
     case 256:
-      return p.pool ? launch_halo<T, 256, true>(p, stream) : launch_halo<T, 256, false>(p, stream);
+      return p.pool ? launch_halo<T, 256, false, true>(p, stream)
+                    : launch_halo<T, 256, false, false>(p, stream);
     default:
-      return p.pool ? launch_halo<T, 128, true>(p, stream) : launch_halo<T, 128, false>(p, stream);
+      return p.pool ? launch_halo<T, 128, false, true>(p, stream)
+                    : launch_halo<T, 128, false, false>(p, stream);
   }
 }
 
@@ -266,14 +351,19 @@ bool conv_wgmma_halo_supported(const ConvParams& p, DType dtype, cudaStream_t st
   if (address(p.x) % 16 != 0 || address(p.weight) % 16 != 0 || address(p.y) % 4 != 0) {
     return false;
   }
-  if (halo_grid(p, 64).ctas >= (int64_t{1} << 31)) return false;  // one grid dimension
+  // one grid dimension, for the most CTAs either orientation launches
+  if (halo_grid<false>(p, 64).ctas >= (int64_t{1} << 31) ||
+      halo_grid<true>(p, 64).ctas >= (int64_t{1} << 31)) {
+    return false;
+  }
   return wgmma_runs_here(stream);
 }
 
-cudaError_t launch_conv_wgmma_halo(const ConvParams& p, DType dtype, int channel_tile,
-                                   cudaStream_t stream) {
-  return dtype == DType::kBFloat16 ? launch_halo_dtype<__nv_bfloat16>(p, channel_tile, stream)
-                                   : launch_halo_dtype<__half>(p, channel_tile, stream);
+cudaError_t launch_conv_wgmma_halo(const ConvParams& p, DType dtype, bool pixels_n,
+                                   int channel_tile, cudaStream_t stream) {
+  return dtype == DType::kBFloat16
+             ? launch_halo_dtype<__nv_bfloat16>(p, pixels_n, channel_tile, stream)
+             : launch_halo_dtype<__half>(p, pixels_n, channel_tile, stream);
 }
 
 }  // namespace vgg_kernels::cuda

@@ -50,10 +50,11 @@ cudaError_t launch_conv_wgmma(const ConvParams& p, DType dtype, int channel_tile
                               cudaStream_t stream);
 // Hopper 3x3 inference kernel that copies each input tile's halo once per 64 channels
 // (conv_wgmma_halo.cu): fp16/bf16, r == 3, c a multiple of 64, k a multiple of 8, alignment as
-// above, on a device running sm_90a code.
+// above, on a device running sm_90a code. pixels_n: the pixels are the MMA's N operand (64
+// output channels per CTA as M; channel_tile is ignored), else its M operand.
 bool conv_wgmma_halo_supported(const ConvParams& p, DType dtype, cudaStream_t stream);
-cudaError_t launch_conv_wgmma_halo(const ConvParams& p, DType dtype, int channel_tile,
-                                   cudaStream_t stream);
+cudaError_t launch_conv_wgmma_halo(const ConvParams& p, DType dtype, bool pixels_n,
+                                   int channel_tile, cudaStream_t stream);
 
 // y = maxpool2x2?(relu(z * scale + shift)); z (n, h, w, k) NHWC, y (n, out_h, out_w, k).
 struct BnReluParams {

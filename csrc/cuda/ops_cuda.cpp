@@ -53,9 +53,10 @@ ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight_krsc, bool 
 
 // VGG_KERNELS_NATIVE_WGMMA=1 runs fp16/bf16 inference on the Hopper wgmma kernel where it
 // applies; =halo also runs 3x3 layers with C a multiple of 64 on the kernel that copies each
-// input halo once per channel block (conv_wgmma_halo.cu); unset, empty or 0: the WMMA kernel.
-// Read per call, so one process can time every kernel.
-enum class WgmmaMode { kOff, kPlain, kHalo };
+// input halo once per channel block (conv_wgmma_halo.cu), with the pixels as the MMA's M
+// operand; =halo-t the same with the pixels as N; unset, empty or 0: the WMMA kernel. Read per
+// call, so one process can time every kernel.
+enum class WgmmaMode { kOff, kPlain, kHalo, kHaloT };
 
 WgmmaMode wgmma_mode() {
   const char* value = std::getenv("VGG_KERNELS_NATIVE_WGMMA");
@@ -63,10 +64,11 @@ WgmmaMode wgmma_mode() {
   const std::string text(value);
   if (text == "0") return WgmmaMode::kOff;
   if (text == "1") return WgmmaMode::kPlain;
-  TORCH_CHECK(text == "halo",
-              "environment variable VGG_KERNELS_NATIVE_WGMMA must be 0, 1 or halo (got '", text,
-              "')");
-  return WgmmaMode::kHalo;
+  if (text == "halo") return WgmmaMode::kHalo;
+  TORCH_CHECK(text == "halo-t",
+              "environment variable VGG_KERNELS_NATIVE_WGMMA must be 0, 1, halo or halo-t (got '",
+              text, "')");
+  return WgmmaMode::kHaloT;
 }
 
 bool wgmma_requested() { return wgmma_mode() != WgmmaMode::kOff; }
@@ -89,8 +91,10 @@ void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
                                                                           : WgmmaMode::kOff;
   if (wgmma != WgmmaMode::kOff) {
     const DType type = dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-    if (wgmma == WgmmaMode::kHalo && conv_wgmma_halo_supported(p, type, stream)) {
-      C10_CUDA_CHECK(launch_conv_wgmma_halo(p, type, wgmma_tile_override(), stream));
+    if ((wgmma == WgmmaMode::kHalo || wgmma == WgmmaMode::kHaloT) &&
+        conv_wgmma_halo_supported(p, type, stream)) {
+      C10_CUDA_CHECK(launch_conv_wgmma_halo(p, type, wgmma == WgmmaMode::kHaloT,
+                                            wgmma_tile_override(), stream));
       return;
     }
     if (conv_wgmma_supported(p, type, stream)) {
