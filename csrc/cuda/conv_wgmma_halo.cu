@@ -29,8 +29,8 @@
 // B/cycle of shared-memory bandwidth before the copies into it; m64n128k16 with 64 channels as M
 // reads 6 KB per 64 cycles. Per 64-channel block a CTA reads 324 halo pixels and nine 64 x 64
 // weight tiles for 256 x 64 outputs: 0.0061 B/FLOP. The accumulator holds a 2x2 window's four
-// values in one thread (rows j, j + 1 of the N index, columns e = 0, 1), so the pool needs no
-// shuffles; stores are 2 channels per thread, 8 lanes per 16 contiguous bytes.
+// values in one thread (rows j, j + 1 of the N index, columns e = 0, 1), so the pool is four
+// fmaxf; a shuffle with the lane holding the neighbouring channel makes each store 4 bytes.
 //
 // Used for fp16/bf16 3x3 inference with C a multiple of 64 and K a multiple of 8 when
 // VGG_KERNELS_NATIVE_WGMMA=halo or halo-t; other layers take conv_wgmma.cu's kernel.
@@ -231,17 +231,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* y = static_cast<T*>(p.y);
   if constexpr (kPixelsN) {
     // M: channel n_block + 16 warp + lane / 4 + 8 h; N: output row oh0 + j, column
-    // ow0 + 8 wg + 2 (lane % 4) + e
+    // ow0 + 8 wg + 2 (lane % 4) + e. Lanes l and l ^ 4 hold channels c and c + 1 (c even) of the
+    // same two columns; one shuffle gives each a channel pair for one column, stored as 4 bytes.
     const int ow = ow0 + 8 * wg + 2 * (lane % 4);  // + e
+    const bool odd = (lane & 4) != 0;              // this lane's channel is the pair's second
     float scale[2], shift[2];
     bool n_ok[2];
-    int64_t n[2];
+    int64_t pair[2];  // the pair's first channel
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      n[h] = n_block + 16 * warp + lane / 4 + 8 * h;
-      n_ok[h] = n[h] < p.k;
-      scale[h] = n_ok[h] ? p.scale[n[h]] : 0.0f;
-      shift[h] = n_ok[h] ? p.shift[n[h]] : 0.0f;
+      const int64_t n = n_block + 16 * warp + lane / 4 + 8 * h;
+      pair[h] = odd ? n - 1 : n;
+      n_ok[h] = pair[h] < p.k;  // k % 8 == 0: both channels of the pair are in range or not
+      scale[h] = n_ok[h] ? p.scale[n] : 0.0f;
+      shift[h] = n_ok[h] ? p.shift[n] : 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < Shape::kGroups; j += kPool ? 2 : 1) {
@@ -254,17 +257,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           // the window: rows j, j + 1 (oh0 + j is even), columns e = 0, 1, all in this thread
           const float m = fmaxf(fmaxf(value(j, 0), value(j, 1)),
                                 fmaxf(value(j + 1, 0), value(j + 1, 1)));
+          const float partner = __shfl_xor_sync(0xffffffffu, m, 4);
           const int ph = (oh0 + j) / 2, pw = ow / 2;
-          if (n_ok[h] && ph < p.out_h && pw < p.out_w) {
-            y[((image * p.out_h + ph) * p.out_w + pw) * p.k + n[h]] = Convert<T>::from_float(m);
+          if (!odd && n_ok[h] && ph < p.out_h && pw < p.out_w) {
+            store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + pair[h], m, partner);
           }
         } else {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (n_ok[h] && oh0 + j < p.h && ow + e < p.w) {
-              y[((image * p.h + oh0 + j) * p.w + ow + e) * p.k + n[h]] =
-                  Convert<T>::from_float(value(j, e));
-            }
+          // the even lane stores column e = 0, the odd lane column e = 1
+          const float v0 = value(j, 0), v1 = value(j, 1);
+          const float partner = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+          const int e = odd ? 1 : 0;
+          if (n_ok[h] && oh0 + j < p.h && ow + e < p.w) {
+            store_pair(y + ((image * p.h + oh0 + j) * p.w + ow + e) * p.k + pair[h],
+                       odd ? partner : v0, odd ? v1 : partner);
           }
         }
       }
