@@ -103,7 +103,9 @@ class Shard:
         self.lines: list[str] = []
         self.codes: list[int] = []
 
-    def _run_once(self, tests: list[str], attempt: int) -> tuple[int, set[str]]:
+    def _run_once(self, tests: list[str], attempt: int) -> tuple[int, set[str], str | None]:
+        """Run `tests` in one pytest process: (exit code, finished node ids, the test that had
+        started and not finished, if any)."""
         suffix = "" if attempt == 0 else f"-r{attempt}"
         junit = f"{self.stem}-{self.index}{suffix}.xml"
         finished = os.path.abspath(f"{self.stem}-{self.index}{suffix}.done")
@@ -120,15 +122,19 @@ class Shard:
             log.flush()
             code = self._watch(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                 env=env), finished)
-        records = []
+        lines = []
         if os.path.exists(finished):
             with open(finished) as handle:
-                records = [json.loads(line) for line in handle if line.strip()]
+                lines = [json.loads(line) for line in handle if line.strip()]
+        records = [line for line in lines if "nodeid" in line]
+        done = {r["nodeid"] for r in records}
+        started = [line["started"] for line in lines if "started" in line]
+        running = started[-1] if started and started[-1] not in done else None
         if os.path.exists(junit):
             self.parts.append(junit)
         else:  # died before pytest wrote it: the finished tests' own records stand in
             self.unwritten += [(r["nodeid"], r["outcome"], r["message"]) for r in records]
-        return code, {r["nodeid"] for r in records}
+        return code, done, running
 
     def _watch(self, process: subprocess.Popen, finished: str) -> int:
         """Wait for the process; kill it when no test has finished for test_timeout seconds
@@ -151,7 +157,7 @@ class Shard:
         remaining = list(self.ids)
         attempt = 0
         while remaining:
-            code, done = self._run_once(remaining, attempt)
+            code, done, running = self._run_once(remaining, attempt)
             self.codes.append(code)
             if code == -signal.SIGTERM:  # the outer timeout's signal reached the process first
                 Shard.stopping.set()
@@ -166,8 +172,10 @@ class Shard:
                 why = (f"no test finished for {self.test_timeout:.0f} s; the test process was "
                        f"killed" if self.hung else
                        f"the test process died (exit code {code})")
-                self.crashed.append((left[0], f"{why} while this test ran"))
-                left = left[1:]
+                # pytest may reorder tests (fixture scopes): the plugin names the one running
+                victim = running if running in left else left[0]
+                self.crashed.append((victim, f"{why} while this test ran"))
+                left = [t for t in left if t != victim]
             elif code != 2:
                 # ended normally without running these (not collected): nothing to retry
                 self.missing.extend(left)

@@ -1,8 +1,9 @@
 """pytest plugin that benchmarks/gpu_tests.py loads into each of its pytest processes.
 
-- Records every finished test (after its teardown: node id, outcome, message) in the file named
-  by GPU_TESTS_FINISHED, so the runner knows which tests a process that stopped early did not
-  run, and what the finished ones gave when the process died before writing its JUnit file.
+- Records each test as it starts and when it has finished (after its teardown: node id, outcome,
+  message) in the file named by GPU_TESTS_FINISHED, so the runner knows which test a process
+  died in, which ones it did not run, and what the finished ones gave when the process died
+  before writing its JUnit file.
 - Stops the process after a test that failed with a sticky CUDA error (an illegal address, a
   launch failure, ...): the CUDA context is lost and every later CUDA call in the process would
   fail with the same error, so the runner goes on with the remaining tests in a fresh process
@@ -34,6 +35,14 @@ def sticky_cuda_error(text: str) -> bool:
 
 _OUTCOMES: dict[str, tuple[str, str]] = {}  # node id -> (worst outcome so far, its message)
 _RANK = {"passed": 0, "skipped": 1, "failed": 2}
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """A line naming the test about to run: if the process dies, the runner knows which one."""
+    path = os.environ.get("GPU_TESTS_FINISHED")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"started": nodeid}) + "\n")
 
 
 def pytest_runtest_logreport(report):

@@ -153,3 +153,37 @@ def test_runner_reports_finished_tests_when_terminated(tmp_path):
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None
     assert [case.get("name") for case in suite.findall("testcase")] == ["test_a"]
+
+
+REORDERING_CONFTEST = '''
+def pytest_collection_modifyitems(items):
+    items.reverse()  # as a plugin that reorders tests would: each run reverses what it was given
+'''
+
+ORDERED_SUITE = '''
+import os
+import signal
+
+def test_1():
+    pass
+
+def test_2_dies():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def test_3():
+    pass
+'''
+
+
+def test_runner_blames_the_test_that_was_running(tmp_path):
+    """The runner's list and a process's run order can differ (a plugin that reorders tests):
+    the crash is blamed on the test the process had started, not on the next in the list."""
+    (tmp_path / "conftest.py").write_text(REORDERING_CONFTEST)
+    (tmp_path / "test_order.py").write_text(ORDERED_SUITE)
+    junit = tmp_path / "gpu-tests.xml"
+    done = subprocess.run([sys.executable, str(RUNNER), "--shards", "1", "--junitxml", str(junit),
+                           "--marker", "not gpu", "test_order.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    output = done.stdout + done.stderr
+    assert "CRASHED test_order.py::test_2_dies" in output, output
+    assert "3 tests, 1 failed, 0 errors, 0 skipped in 1 shards" in output, output
