@@ -9,7 +9,8 @@
 #   build  pip install --no-build-isolation --no-deps --no-index -e . (ninja, MAX_JOBS jobs);
 #          if pip cannot, `setup.py build_ext --inplace`; then checks that the ops load and
 #          reports the compiled archs. Leave it unbuilt and native.py JIT-builds on first use.
-#   test   python -m pytest -m gpu tests/test_native.py
+#   test   the gpu tests of tests/test_native.py through benchmarks/gpu_tests.py (GPU_TEST_SHARDS
+#          processes, 4; JUnit in $OUT, default /tmp/vgg_kernels_gpu)
 # Knobs: VGG_KERNELS_CUDA_ARCHS (default: TORCH_CUDA_ARCH_LIST, else 9.0a), MAX_JOBS (16),
 # PYTHON (python3).
 set -u
@@ -44,8 +45,9 @@ if torch.cuda.is_available():
 EOF
 }
 
-run_tests() {
-    timeout 240 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_native.py
+run_tests() {  # in parallel processes that survive a faulting kernel (benchmarks/gpu_tests.py)
+    timeout 240 $PY benchmarks/gpu_tests.py --shards "${GPU_TEST_SHARDS:-4}" \
+        --junitxml "${OUT:-/tmp/vgg_kernels_gpu}/native-gpu-tests.xml" tests/test_native.py
 }
 
 case "$MODE" in
