@@ -72,9 +72,10 @@ def test_mmas_are_not_serialized(compiled):
     assert "C7515" not in report, [line for line in report.splitlines() if "C7515" in line]
 
 
-def test_reduction_step_waits_for_all_but_the_newest_mma_group(compiled):
-    """In the SASS of every kernel, the main loop's wait leaves one group of MMAs in flight
-    (WARPGROUP.DEPBAR.LE gsb0, 0x1); serialized MMAs only ever wait for zero."""
+def test_mmas_are_issued_back_to_back(compiled):
+    """In the SASS of every kernel, some warpgroup MMAs follow one another with no wait between
+    them (an MMA group of a reduction step); serialized MMAs each wait for the one before
+    (WARPGROUP.DEPBAR between every two HGMMAs)."""
     _, obj = compiled
     tool = _cuobjdump()
     if tool is None:
@@ -86,4 +87,5 @@ def test_reduction_step_waits_for_all_but_the_newest_mma_group(compiled):
     assert kernels, "no kernel with warpgroup MMAs in the sm_90a code"
     for body in kernels:
         name = body.split("\n", 1)[0].strip()
-        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in body, name
+        between = re.split(r"\bHGMMA\.", body)[1:-1]  # the code after each HGMMA but the last
+        assert any("WARPGROUP.DEPBAR" not in code for code in between), name

@@ -491,12 +491,15 @@ def test_cuda_wgmma_infer_odd_shapes(shape, dtype, tile, native_wgmma, monkeypat
     test_cuda_infer_odd_shapes(shape, dtype, native_wgmma)
 
 
-# (N, C, K, H, W, R, pool) for the halo kernel: 3x3, C a multiple of 64; 16x8 output tiles cut
-# at every edge (H, W not multiples of 16 and 8, a 1x1 image, odd H and W with pooling), K not a
-# multiple of the channel tile, several channel blocks, several images.
+# (N, C, K, H, W, R, pool) for the halo kernel: 3x3, C a multiple of 64; output tiles cut at
+# every edge (H, W not multiples of 16 and 8, a 1x1 image, odd H and W with pooling), K not a
+# multiple of the channel tile, several channel blocks, several images; the last has more
+# (pixel tile, 64-channel block) tiles than an H100 has SMs, so the persistent C == 64 kernel
+# of =halo-t walks several tiles per CTA and reloads its weights between channel blocks.
 HALO_SHAPES = [(2, 64, 72, 9, 11, 3, True), (1, 128, 40, 17, 9, 3, False),
                (3, 64, 264, 7, 6, 3, True), (1, 64, 8, 1, 1, 3, False),
-               (2, 192, 136, 19, 23, 3, False), (1, 64, 64, 33, 16, 3, True)]
+               (2, 192, 136, 19, 23, 3, False), (1, 64, 64, 33, 16, 3, True),
+               (6, 64, 136, 40, 36, 3, True)]
 
 
 @pytest.fixture(params=["halo", "halo-t"])
@@ -540,17 +543,21 @@ def _cuda_kernel_names(fn) -> list[str]:
 # (...kernelI...Li64ELb1E...) names; the halo kernel's third template argument is pixels-as-N
 _HALO_M = r"conv_wgmma_halo_kernel(<[^,]+, \d+, false|I\w+?Li\d+ELb0E)"
 _HALO_N = r"conv_wgmma_halo_kernel(<[^,]+, 64, true|I\w+?Li64ELb1E)"
+_RESIDENT = r"conv_wgmma_halo_resident_kernel[<I]"
 _PLAIN = r"conv_wgmma_kernel[<I]"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode, c, r, kernel", [
-    ("halo", 64, 3, _HALO_M), ("halo-t", 64, 3, _HALO_N), ("halo", 24, 3, _PLAIN),
-    ("halo-t", 24, 3, _PLAIN), ("halo", 64, 1, _PLAIN), ("1", 64, 3, _PLAIN)],
-    ids=["halo-C64R3", "halo-t-C64R3", "halo-C24R3", "halo-t-C24R3", "halo-C64R1", "1-C64R3"])
+    ("halo", 64, 3, _HALO_M), ("halo-t", 128, 3, _HALO_N), ("halo-t", 64, 3, _RESIDENT),
+    ("halo", 24, 3, _PLAIN), ("halo-t", 24, 3, _PLAIN), ("halo", 64, 1, _PLAIN),
+    ("1", 64, 3, _PLAIN)],
+    ids=["halo-C64R3", "halo-t-C128R3", "halo-t-C64R3", "halo-C24R3", "halo-t-C24R3",
+         "halo-C64R1", "1-C64R3"])
 def test_cuda_wgmma_switch_picks_the_kernel(mode, c, r, kernel, native_wgmma, monkeypatch):
     """=halo and =halo-t run 3x3 layers with C % 64 == 0 on the halo kernel in their
-    orientation, the rest on the other wgmma kernel; =1 never runs the halo kernel."""
+    orientation (=halo-t with C == 64 on its persistent weight-resident form), the rest on the
+    other wgmma kernel; =1 never runs a halo kernel."""
     monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", mode)
     x, weight, scale, shift = _conv_inputs(2, c, 16, 12, 10, r, torch.bfloat16,
                                            torch.device("cuda"))

@@ -33,6 +33,9 @@
 // values in one thread (rows j, j + 1 of the N index, columns e = 0, 1), so the pool is four
 // fmaxf; a shuffle with the lane holding the neighbouring channel makes each store 4 bytes.
 //
+// Layers with C == 64 (one channel block) take a persistent, weight-resident form of the second
+// orientation (conv_wgmma_halo_resident_kernel, below).
+//
 // Used for fp16/bf16 3x3 inference with C a multiple of 64 and K a multiple of 8 when
 // VGG_KERNELS_NATIVE_WGMMA=halo or halo-t; other layers take conv_wgmma.cu's kernel.
 #include "conv_bn_relu.cuh"
@@ -108,6 +111,61 @@ HaloGrid halo_grid(const ConvParams& p, int bn) {
   g.ctas = p.n * g.tiles_h * g.tiles_w * g.num_n;
   return g;
 }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Epilogue of the pixels-as-N orientation, on the accumulator registers (64 channels x 128
+// pixels per warpgroup): element 4 j + 2 h + e is channel n_block + 16 warp + lane / 4 + 8 h,
+// output row oh0 + j, column ow0 + 8 wg + 2 (lane % 4) + e. Lanes l and l ^ 4 hold channels c
+// and c + 1 (c even) of the same two columns; one shuffle gives each a channel pair for one
+// column, stored as 4 bytes.
+template <typename T, bool kPool>
+__device__ __forceinline__ void store_pixels_n(const float (&acc)[64], const ConvParams& p,
+                                               int64_t image, int oh0, int ow0, int64_t n_block,
+                                               int wg, int warp, int lane) {
+  T* y = static_cast<T*>(p.y);
+  const int ow = ow0 + 8 * wg + 2 * (lane % 4);  // + e
+  const bool odd = (lane & 4) != 0;              // this lane's channel is the pair's second
+  float scale[2], shift[2];
+  bool n_ok[2];
+  int64_t pair[2];  // the pair's first channel
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = n_block + 16 * warp + lane / 4 + 8 * h;
+    pair[h] = odd ? n - 1 : n;
+    n_ok[h] = pair[h] < p.k;  // k % 8 == 0: both channels of the pair are in range or not
+    scale[h] = n_ok[h] ? p.scale[n] : 0.0f;
+    shift[h] = n_ok[h] ? p.shift[n] : 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < 16; j += kPool ? 2 : 1) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const auto value = [&](int row, int e) {
+        return fmaxf(fmaf(acc[4 * row + 2 * h + e], scale[h], shift[h]), 0.0f);
+      };
+      if constexpr (kPool) {
+        // the window: rows j, j + 1 (oh0 + j is even), columns e = 0, 1, all in this thread
+        const float m = fmaxf(fmaxf(value(j, 0), value(j, 1)),
+                              fmaxf(value(j + 1, 0), value(j + 1, 1)));
+        const float partner = __shfl_xor_sync(0xffffffffu, m, 4);
+        const int ph = (oh0 + j) / 2, pw = ow / 2;
+        if (!odd && n_ok[h] && ph < p.out_h && pw < p.out_w) {
+          store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + pair[h], m, partner);
+        }
+      } else {
+        // the even lane stores column e = 0, the odd lane column e = 1
+        const float v0 = value(j, 0), v1 = value(j, 1);
+        const float partner = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+        const int e = odd ? 1 : 0;
+        if (n_ok[h] && oh0 + j < p.h && ow + e < p.w) {
+          store_pair(y + ((image * p.h + oh0 + j) * p.w + ow + e) * p.k + pair[h],
+                     odd ? partner : v0, odd ? v1 : partner);
+        }
+      }
+    }
+  }
+}
+#endif
 
 // The kernel's body exists in sm_90a compilations only (see conv_wgmma.cu).
 template <typename T, int BN, bool kPixelsN, bool kPool>
@@ -229,55 +287,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---- epilogue on the registers: accumulator element 4 j + 2 h + e is M row 16 warp + lane / 4
   // + 8 h of this warpgroup's 64 and N column 8 j + 2 (lane % 4) + e.
-  T* y = static_cast<T*>(p.y);
   if constexpr (kPixelsN) {
-    // M: channel n_block + 16 warp + lane / 4 + 8 h; N: output row oh0 + j, column
-    // ow0 + 8 wg + 2 (lane % 4) + e. Lanes l and l ^ 4 hold channels c and c + 1 (c even) of the
-    // same two columns; one shuffle gives each a channel pair for one column, stored as 4 bytes.
-    const int ow = ow0 + 8 * wg + 2 * (lane % 4);  // + e
-    const bool odd = (lane & 4) != 0;              // this lane's channel is the pair's second
-    float scale[2], shift[2];
-    bool n_ok[2];
-    int64_t pair[2];  // the pair's first channel
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = n_block + 16 * warp + lane / 4 + 8 * h;
-      pair[h] = odd ? n - 1 : n;
-      n_ok[h] = pair[h] < p.k;  // k % 8 == 0: both channels of the pair are in range or not
-      scale[h] = n_ok[h] ? p.scale[n] : 0.0f;
-      shift[h] = n_ok[h] ? p.shift[n] : 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < Shape::kGroups; j += kPool ? 2 : 1) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const auto value = [&](int row, int e) {
-          return fmaxf(fmaf(acc[4 * row + 2 * h + e], scale[h], shift[h]), 0.0f);
-        };
-        if constexpr (kPool) {
-          // the window: rows j, j + 1 (oh0 + j is even), columns e = 0, 1, all in this thread
-          const float m = fmaxf(fmaxf(value(j, 0), value(j, 1)),
-                                fmaxf(value(j + 1, 0), value(j + 1, 1)));
-          const float partner = __shfl_xor_sync(0xffffffffu, m, 4);
-          const int ph = (oh0 + j) / 2, pw = ow / 2;
-          if (!odd && n_ok[h] && ph < p.out_h && pw < p.out_w) {
-            store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + pair[h], m, partner);
-          }
-        } else {
-          // the even lane stores column e = 0, the odd lane column e = 1
-          const float v0 = value(j, 0), v1 = value(j, 1);
-          const float partner = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
-          const int e = odd ? 1 : 0;
-          if (n_ok[h] && oh0 + j < p.h && ow + e < p.w) {
-            store_pair(y + ((image * p.h + oh0 + j) * p.w + ow + e) * p.k + pair[h],
-                       odd ? partner : v0, odd ? v1 : partner);
-          }
-        }
-      }
-    }
+    store_pixels_n<T, kPool>(acc, p, image, oh0, ow0, n_block, wg, warp, lane);
   } else {
     // M: output row oh0 + 8 wg + 2 warp + h, column ow0 + lane / 4; N: channel
     // n_block + 8 j + 2 (lane % 4) + e
+    T* y = static_cast<T*>(p.y);
     const int oh = oh0 + 8 * wg + 2 * warp;  // + h
     const int ow = ow0 + lane / 4;
 #pragma unroll
@@ -314,6 +329,154 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// Layers with C == 64 have one channel block: nine steps per output tile, too few to hide a
+// CTA's pipeline fill and epilogue when one CTA fills the SM. With the pixels as N they run on
+// a persistent kernel instead: each CTA keeps the nine 64 x 64 weight tiles of its 64 output
+// channels in shared memory (72 KB) and walks tiles t = blockIdx.x, + gridDim.x, ...; tile t + 1's
+// halo is copied into the other halo buffer while tile t's 36 MMAs (9 taps x 4 k16 steps,
+// issued back to back as one group) and epilogue run. Tiles are ordered channel block first,
+// so a CTA reloads its weights only where its walk crosses into the next 64 channels.
+struct ResidentTile {
+  using Shape = HaloShape<true>;
+  static constexpr int kWeightTileBytes = 64 * kBK * 2;              // one tap: 8 KB
+  static constexpr int kWeightBytes = kTaps * kWeightTileBytes;      // 72 KB
+  static constexpr int kSmemBytes = kWeightBytes + 2 * Shape::kBytes + 1024;  // 154 KB
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than a Hopper CTA can have");
+};
+
+template <typename T, bool kPool>
+__global__ void __launch_bounds__(kThreads, 1)
+    conv_wgmma_halo_resident_kernel(const ConvParams p, const int64_t tiles_h,
+                                    const int64_t tiles_w) {
+  using Shape = HaloShape<true>;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t smem_base = (raw_base + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (smem_base - raw_base);
+  unsigned char* halo_smem = smem + ResidentTile::kWeightBytes;
+  const uint32_t halo_base = smem_base + ResidentTile::kWeightBytes;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int warp = (tid % 128) / 32, lane = tid % 32;
+  const int64_t pixel_tiles = p.n * tiles_h * tiles_w;
+  const int64_t num_tiles = pixel_tiles * ((p.k + 63) / 64);
+  const T* x = static_cast<const T*>(p.x);
+  const T* weight = static_cast<const T*>(p.weight);
+  const int chunk_col = tid % kChunks;
+  const int row0 = tid / kChunks;
+
+  // the 64 x 64 weight tile of every tap for output channels n_block .. + 63 (C == 64: the
+  // tap's reduction slice is the whole 128-byte row)
+  auto load_weights = [&](int64_t n_block) {
+#pragma unroll
+    for (int tap = 0; tap < kTaps; ++tap) {
+#pragma unroll
+      for (int j = 0; j < 64 / kRowsPerPass; ++j) {
+        const int row = row0 + j * kRowsPerPass;
+        const int64_t n = n_block + row;
+        const bool ok = n < p.k;
+        cp_async_16(smem + tap * ResidentTile::kWeightTileBytes + swizzled(row, chunk_col),
+                    ok ? weight + n * p.kdim + tap * kBK + chunk_col * 8 : weight, ok);
+      }
+    }
+  };
+  // tile t's input halo into buffer `buffer` (zero outside the image)
+  auto load_halo = [&](int64_t t, int buffer) {
+    const int64_t pixel_tile = t % pixel_tiles;
+    const int64_t image = pixel_tile / (tiles_h * tiles_w);
+    const int64_t spatial = pixel_tile % (tiles_h * tiles_w);
+    const int ih0 = static_cast<int>(spatial / tiles_w) * Shape::kTileH - 1;
+    const int iw0 = static_cast<int>(spatial % tiles_w) * Shape::kTileW - 1;
+    unsigned char* halo = halo_smem + buffer * Shape::kBytes;
+#pragma unroll
+    for (int j = 0; j < Shape::kCopies; ++j) {
+      const int index = tid + j * kThreads;
+      if (index < Shape::kPixels * kChunks) {
+        const int pixel = index / kChunks, plane = index % kChunks;
+        const int ih = ih0 + pixel / Shape::kHaloW, iw = iw0 + pixel % Shape::kHaloW;
+        const bool ok = inside(ih, p.h) && inside(iw, p.w);
+        cp_async_16(halo + plane * Shape::kPlaneBytes + pixel * 16,
+                    ok ? x + ((image * p.h + ih) * p.w + iw) * kBK + plane * 8 : x, ok);
+      }
+    }
+  };
+
+  int64_t t = blockIdx.x;
+  if (t >= num_tiles) return;
+  load_weights(t / pixel_tiles * 64);
+  load_halo(t, 0);
+  cp_async_commit();
+  float acc[64];
+  for (int k = 0; t < num_tiles; ++k, t += gridDim.x) {
+    const int buffer = k & 1;
+    cp_async_wait<0>();  // this thread's copies of tile t's halo (and weights) landed
+    fence_proxy_async();
+    __syncthreads();  // everyone's copies; every warpgroup is done with tile t - 1
+    const int64_t next = t + gridDim.x;
+    const bool same_weights = next < num_tiles && next / pixel_tiles == t / pixel_tiles;
+    if (same_weights) load_halo(next, buffer ^ 1);  // in flight during this tile
+    cp_async_commit();
+
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    wgmma_fence();
+    fence_accumulators(acc);
+    const uint32_t halo = halo_base + buffer * Shape::kBytes;
+#pragma unroll
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const uint32_t pixels = halo + Shape::first_pixel(wg, tap / 3, tap % 3) * 16;
+      const uint32_t weights = smem_base + tap * ResidentTile::kWeightTileBytes;
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks) {
+        WgmmaOp<T, 128>::mma(acc, smem_descriptor(weights + 32 * ks),
+                             plain_descriptor(pixels + 2 * ks * Shape::kPlaneBytes,
+                                              Shape::kPlaneBytes, Shape::kGroupBytes));
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(acc);
+
+    const int64_t pixel_tile = t % pixel_tiles;
+    const int64_t spatial = pixel_tile % (tiles_h * tiles_w);
+    store_pixels_n<T, kPool>(acc, p, pixel_tile / (tiles_h * tiles_w),
+                             static_cast<int>(spatial / tiles_w) * Shape::kTileH,
+                             static_cast<int>(spatial % tiles_w) * Shape::kTileW,
+                             t / pixel_tiles * 64, wg, warp, lane);
+    if (next < num_tiles && !same_weights) {  // the walk enters the next 64 output channels
+      __syncthreads();  // every warpgroup's MMAs on the old weights are done
+      load_weights(next / pixel_tiles * 64);
+      load_halo(next, buffer ^ 1);
+      cp_async_commit();
+    }
+  }
+  cp_async_wait<0>();
+#endif
+}
+
+template <typename T, bool kPool>
+cudaError_t launch_halo_resident(const ConvParams& p, cudaStream_t stream) {
+  auto kernel = conv_wgmma_halo_resident_kernel<T, kPool>;
+  constexpr int kSmem = ResidentTile::kSmemBytes;
+  const HaloGrid grid = halo_grid<true>(p, 64);
+  if (grid.ctas == 0) return cudaSuccess;
+  int device = 0, sms = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) {
+    status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (status == cudaSuccess) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  }
+  if (status != cudaSuccess) return status;
+  const int64_t ctas = grid.ctas < sms ? grid.ctas : sms;  // one per SM (154 KB each)
+  kernel<<<static_cast<unsigned>(ctas), kThreads, kSmem, stream>>>(p, grid.tiles_h,
+                                                                    grid.tiles_w);
+  return cudaGetLastError();
+}
+
 template <typename T, int BN, bool kPixelsN, bool kPool>
 cudaError_t launch_halo(const ConvParams& p, cudaStream_t stream) {
   auto kernel = conv_wgmma_halo_kernel<T, BN, kPixelsN, kPool>;
@@ -331,6 +494,10 @@ cudaError_t launch_halo(const ConvParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_halo_dtype(const ConvParams& p, bool pixels_n, int forced_tile,
                               cudaStream_t stream) {
+  if (pixels_n && p.c == kBK) {
+    return p.pool ? launch_halo_resident<T, true>(p, stream)
+                  : launch_halo_resident<T, false>(p, stream);
+  }
   if (pixels_n) {
     return p.pool ? launch_halo<T, 64, true, true>(p, stream)
                   : launch_halo<T, 64, true, false>(p, stream);
