@@ -118,36 +118,19 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
 #pragma unroll
   for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
 
+  // ktiles >= 1: kdim = r * r * c >= 8
+  mma_pipeline<Tile::kAhead>(
+      acc, ktiles, [&](int kt) { load_tile(kt % Tile::kStages); },
+      [&](int kt) {
+        const int stage = kt % Tile::kStages;
+        const uint32_t a_addr = smem_base + stage * Tile::kStageBytes + wg * 64 * kRowBytes;
+        const uint32_t b_addr = smem_base + stage * Tile::kStageBytes + kTileBytes;
 #pragma unroll
-  for (int t = 0; t < Tile::kAhead; ++t) {
-    if (t < ktiles) load_tile(t);
-    cp_async_commit();  // one group per tile, empty past the end, so the counts stay uniform
-  }
-  for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<Tile::kAhead - 1>();  // this thread's copies of tile kt have landed
-    fence_proxy_async();
-    __syncthreads();  // everyone's copies of tile kt; everyone's MMAs of tile kt - 2 are done
-    const int stage = kt % Tile::kStages;
-    const uint32_t a_addr = smem_base + stage * Tile::kStageBytes + wg * 64 * kRowBytes;
-    const uint32_t b_addr = smem_base + stage * Tile::kStageBytes + kTileBytes;
-    wgmma_fence();
-    fence_accumulators(acc);
-#pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {  // 16 elements = 32 bytes along the swizzled row
-      WgmmaOp<T, BN>::mma(acc, smem_descriptor(a_addr + 32 * ks),
-                          smem_descriptor(b_addr + 32 * ks));
-    }
-    wgmma_commit();
-    // Stage (kt + kAhead) % kStages held tile kt - 2, whose MMAs every warpgroup finished
-    // before the barrier above (each waited for all but its newest group last iteration).
-    if (kt + Tile::kAhead < ktiles) load_tile((kt + Tile::kAhead) % Tile::kStages);
-    cp_async_commit();
-    wgmma_wait<1>();
-    fence_accumulators(acc);
-  }
-  wgmma_wait<0>();
-  fence_accumulators(acc);
-  cp_async_wait<0>();
+        for (int ks = 0; ks < kBK / 16; ++ks) {  // 16 elements = 32 bytes along the swizzled row
+          WgmmaOp<T, BN>::mma(acc, smem_descriptor(a_addr + 32 * ks),
+                              smem_descriptor(b_addr + 32 * ks));
+        }
+      });
 
   // ---- epilogue on the registers: accumulator element 4 j + 2 h + e is row
   // 16 warp + lane / 4 + 8 h of this warpgroup's 64, channel 8 j + 2 (lane % 4) + e.

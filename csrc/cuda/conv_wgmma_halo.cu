@@ -245,25 +245,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
 
-#pragma unroll
-  for (int t = 0; t < Tile::kAhead; ++t) {
-    if (t < steps) load_step(t);
-    cp_async_commit();  // one group per step, empty past the end, so the counts stay uniform
-  }
-  // steps >= 9 (C >= 64), so a do-while: a loop that may run zero times leaves a path that
-  // zeroes the accumulators again before the final wait, and ptxas then serializes every MMA
-  // (C7515)
-  int s = 0;
-  do {
-    cp_async_wait<Tile::kAhead - 1>();  // this thread's copies for step s (and its halo) landed
-    fence_proxy_async();
-    __syncthreads();  // everyone's copies of step s; everyone's MMAs of step s - 2 are done
+  // steps >= 9 (C >= 64)
+  mma_pipeline<Tile::kAhead>(acc, steps, load_step, [&](int s) {
     const int tap = s % kTaps, block = s / kTaps;
     const uint32_t pixels = halo_base + (block & 1) * Shape::kBytes +
                             Shape::first_pixel(wg, tap / 3, tap % 3) * 16;
     const uint32_t weights = smem_base + (s % Tile::kStages) * Tile::kBBytes;
-    wgmma_fence();
-    fence_accumulators(acc);
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {  // k16 step ks: planes 2 ks and 2 ks + 1
       const uint64_t pixel_desc = plain_descriptor(pixels + 2 * ks * Shape::kPlaneBytes,
@@ -275,15 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         WgmmaOp<T, Tile::kN>::mma(acc, pixel_desc, weight_desc);
       }
     }
-    wgmma_commit();
-    if (s + Tile::kAhead < steps) load_step(s + Tile::kAhead);
-    cp_async_commit();
-    wgmma_wait<1>();
-    fence_accumulators(acc);
-  } while (++s < steps);
-  wgmma_wait<0>();
-  fence_accumulators(acc);
-  cp_async_wait<0>();
+  });
 
   // ---- epilogue on the registers: accumulator element 4 j + 2 h + e is M row 16 warp + lane / 4
   // + 8 h of this warpgroup's 64 and N column 8 j + 2 (lane % 4) + e.

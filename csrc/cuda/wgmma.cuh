@@ -154,6 +154,40 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// The multistage main loop of the sm_90a kernels, for `steps` >= 1 reduction steps. Step s
+// waits for its copies (one cp.async group per step, issued kAhead steps before by load(s)),
+// runs multiply(s) (the step's wgmma instructions, committed as one group), issues step
+// s + kAhead's copies and waits for all but the newest MMA group. The stage that step
+// s + kAhead fills was last read by step s - 2, whose MMAs every warpgroup finished before this
+// step's barrier. A do-while: a loop that may run zero times leaves a path that zeroes the
+// accumulators again before the final wait, and ptxas then serializes every MMA (C7515).
+template <int kAhead, int N, class Load, class Multiply>
+__device__ __forceinline__ void mma_pipeline(float (&acc)[N], int steps, Load&& load,
+                                             Multiply&& multiply) {
+#pragma unroll
+  for (int t = 0; t < kAhead; ++t) {
+    if (t < steps) load(t);
+    cp_async_commit();  // one group per step, empty past the end, so the counts stay uniform
+  }
+  int s = 0;
+  do {
+    cp_async_wait<kAhead - 1>();  // this thread's copies for step s have landed
+    fence_proxy_async();
+    __syncthreads();  // everyone's copies of step s; everyone's MMAs of step s - 2 are done
+    wgmma_fence();
+    fence_accumulators(acc);
+    multiply(s);
+    wgmma_commit();
+    if (s + kAhead < steps) load(s + kAhead);
+    cp_async_commit();
+    wgmma_wait<1>();
+    fence_accumulators(acc);
+  } while (++s < steps);
+  wgmma_wait<0>();
+  fence_accumulators(acc);
+  cp_async_wait<0>();
+}
+
 // Matrix descriptor of a K-major tile in the 128-byte swizzled layout: 8-row groups 1024 bytes
 // apart (stride byte offset), leading byte offset unused by this layout (encoded as 1).
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t smem_addr) {
