@@ -568,20 +568,16 @@ def test_cuda_wgmma_switch_picks_the_kernel(mode, c, r, kernel, native_wgmma, mo
 
 
 @pytest.mark.gpu
-def test_cuda_wgmma_switch_rejects_other_values(native_wgmma, monkeypatch):
-    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "yes")
+@pytest.mark.parametrize("variable, value, expected", [
+    ("VGG_KERNELS_NATIVE_WGMMA", "yes", "must be 0, 1, halo or halo-t"),
+    ("VGG_KERNELS_NATIVE_WGMMA_TILE", "96", "must be 64, 128 or 256")],
+    ids=["wgmma", "tile"])
+def test_cuda_wgmma_switches_reject_other_values(variable, value, expected, native_wgmma,
+                                                 monkeypatch):
+    monkeypatch.setenv(variable, value)
     x, weight, scale, shift = _conv_inputs(1, 16, 16, 4, 4, 3, torch.bfloat16,
                                            torch.device("cuda"))
-    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_WGMMA must be 0, 1, halo or halo-t"):
-        native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False)
-
-
-@pytest.mark.gpu
-def test_cuda_wgmma_tile_switch_rejects_other_values(native_wgmma, monkeypatch):
-    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", "96")
-    x, weight, scale, shift = _conv_inputs(1, 16, 16, 4, 4, 3, torch.bfloat16,
-                                           torch.device("cuda"))
-    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_WGMMA_TILE must be 64, 128 or 256"):
+    with pytest.raises(RuntimeError, match=f"{variable} {expected}"):
         native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False)
 
 
