@@ -67,13 +67,15 @@ if [ -f benchmarks/device_native.sh ]; then
     step build "${LIMIT_BUILD:-240}" bash benchmarks/device_native.sh build
 fi
 
-# 3. GPU tests: every backend against cuDNN, in GPU_TEST_SHARDS (4) parallel pytest processes
+# 3. GPU tests: every backend against cuDNN, in GPU_TEST_SHARDS (8) parallel pytest processes
 # from benchmarks/gpu_tests.py (the time goes into compiling and autotuning kernels, which is CPU
-# work). A kernel that faults (an illegal address leaves the process's CUDA context unusable) or
+# work, one core per process on a 16-core machine; each process holds a CUDA context and at most
+# a few hundred MB of test tensors, and autotuning keys include the batch, so nothing tuned under
+# this contention is reused by the benchmarks' batch-64 runs). A kernel that faults (an illegal address leaves the process's CUDA context unusable) or
 # kills its process costs its own test only: the shard goes on in a fresh process.
 if [ "$PART" != bench ]; then
     step gpu-tests "${LIMIT_TESTS:-360}" $PY benchmarks/gpu_tests.py \
-        --shards "${GPU_TEST_SHARDS:-4}" --junitxml "$OUT/gpu-tests.xml" tests
+        --shards "${GPU_TEST_SHARDS:-8}" --junitxml "$OUT/gpu-tests.xml" tests
 fi
 
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
