@@ -94,7 +94,6 @@ class Shard:
                  test_timeout: float):
         self.index, self.ids, self.stem, self.restarts = index, ids, stem, restarts
         self.test_timeout = test_timeout
-        self.process: subprocess.Popen | None = None
         self.hung = False
         self.parts: list[str] = []
         self.crashed: list[tuple[str, str]] = []
@@ -139,7 +138,7 @@ class Shard:
     def _watch(self, process: subprocess.Popen, finished: str) -> int:
         """Wait for the process; kill it when no test has finished for test_timeout seconds
         (a hung kernel) or when the runner is stopping."""
-        self.process, self.hung = process, False
+        self.hung = False
         last_size, last_change = -1, time.monotonic()
         while process.poll() is None:
             size = os.path.getsize(finished) if os.path.exists(finished) else 0
