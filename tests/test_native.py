@@ -446,13 +446,21 @@ def test_cuda_infer_odd_shapes(shape, dtype, native_cuda):
                        oracle, dtype)
 
 
+def _wgmma_missing() -> str | None:
+    """Why the wgmma kernels cannot run here, or None."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "the wgmma kernel runs on compute capability 9.0 GPUs"
+    if "90" not in native.build_info().get("cuda", ""):
+        return "the extension was not built for compute capability 9.0"
+    return None
+
+
 @pytest.fixture
 def native_wgmma(native_cuda, monkeypatch):
     """The native backend with its Hopper kernel switched on (VGG_KERNELS_NATIVE_WGMMA=1)."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma kernel runs on compute capability 9.0 GPUs")
-    if "90" not in native.build_info().get("cuda", ""):
-        pytest.skip("the extension was not built for compute capability 9.0")
+    reason = _wgmma_missing()
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "1")
     return native_cuda
 
@@ -529,6 +537,84 @@ def test_cuda_wgmma_halo_infer_odd_shapes(shape, dtype, tile, native_wgmma_halo,
             pytest.skip("halo-t has one channel tile")
         monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA_TILE", tile)
     test_cuda_infer_odd_shapes(shape, dtype, native_wgmma_halo)
+
+
+def _past_2_31_elements(c: int, h: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A channels_last batch of c x h x h images with more than 2**31 elements: n - 1 copies of
+    one image, then another (so only two images need an oracle), and those two images."""
+    if torch.cuda.get_device_properties(0).total_memory < 32 * 2**30:
+        pytest.skip("needs 32 GiB of GPU memory")
+    n = 2**31 // (c * h * h) + 2
+    pair = torch.randn(2, c, h, h, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    big = torch.empty(n, c, h, h, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    big[:-1].copy_(pair[:1].expand(n - 1, c, h, h))
+    big[-1].copy_(pair[1])
+    assert big.numel() > 2**31
+    return big, pair
+
+
+def _assert_copies_agree(t: torch.Tensor) -> None:
+    """Images 1 .. n-2 of a result on _past_2_31_elements' batch equal image 0 (up to rounding:
+    an offset that wraps at 2**31 reads or writes another image's data)."""
+    for chunk in t[1:-1].split(64):
+        gap = (chunk.float() - t[:1].float()).abs().amax()
+        assert gap <= 1e-2 * t[0].float().abs().amax(), f"images differ by {gap.item():.3e}"
+
+
+# (VGG_KERNELS_NATIVE_WGMMA, C, pool): every CUDA inference kernel (WMMA, the plain wgmma
+# kernel, halo, halo-t and its persistent C == 64 form) on a 224x224 batch past 2**31 input
+# elements; without the pool the output passes 2**31 elements as well. One test runs them in
+# turn, so the GPU test shards never hold several of these batches at once.
+BIG_BATCH_KERNELS = [("0", 64, False), ("1", 64, True), ("halo", 64, False), ("halo-t", 64, True),
+                     ("halo-t", 128, False)]
+
+
+@pytest.mark.gpu
+def test_cuda_infer_offsets_past_2_31_elements(native_cuda, poison_outputs, monkeypatch):
+    """Off Hopper, the WMMA kernel only."""
+    cases = [case for case in BIG_BATCH_KERNELS if case[0] == "0" or not _wgmma_missing()]
+    failures = []
+    for c in sorted({c for _, c, _ in cases}):
+        big, pair = _past_2_31_elements(c, 224, torch.bfloat16)
+        _, weight, scale, shift = _conv_inputs(1, c, 64, 1, 1, 3, torch.bfloat16,
+                                               torch.device("cuda"))
+        for mode, _, pool in [case for case in cases if case[1] == c]:
+            monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", mode)
+            y = native_cuda.conv_bn_relu_infer(big, weight, scale, shift, pool)
+            oracle = conv_bn_relu_infer_reference(*_f64(pair, weight, scale, shift), pool)
+            theirs = conv_bn_relu_infer_reference(pair, weight, scale, shift, pool)
+            try:
+                assert_within_rule(y[[0, -1]], theirs, oracle, torch.bfloat16)
+                _assert_copies_agree(y)
+            except AssertionError as error:
+                failures.append(f"VGG_KERNELS_NATIVE_WGMMA={mode}, C={c}, pool={pool}: {error}")
+            del y
+        del big
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+def test_cuda_conv_bn_stats_offsets_past_2_31_elements(native_cuda, poison_outputs):
+    """The training forward's conv output and its per-channel sums past 2**31 elements."""
+    big, pair = _past_2_31_elements(64, 224, torch.bfloat16)
+    _, weight, _, _ = _conv_inputs(1, 64, 64, 1, 1, 3, torch.bfloat16, torch.device("cuda"))
+    bias = torch.randn(64, device="cuda") * 0.1
+    z, total, squares = native_cuda.conv_bn_stats(big, weight, bias)
+    copies = big.shape[0] - 1
+
+    def expected(x, w, b):
+        """z of the pair, and the sums over the batch: copies x image 0's, plus image 1's."""
+        z0, total0, squares0 = conv_bn_stats_reference(x[:1], w, b)
+        z1, total1, squares1 = conv_bn_stats_reference(x[1:], w, b)
+        return torch.cat([z0, z1]), copies * total0 + total1, copies * squares0 + squares1
+
+    oracle = expected(*_f64(pair, weight, bias))
+    theirs = expected(pair, weight, bias)
+    for got, t, o in zip((z[[0, -1]], total, squares), theirs, oracle, strict=True):
+        assert_within_rule(got, t, o, torch.bfloat16)
+    _assert_copies_agree(z)
 
 
 def _cuda_kernel_names(fn) -> list[str]:
