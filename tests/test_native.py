@@ -540,18 +540,19 @@ def test_cuda_wgmma_halo_infer_odd_shapes(shape, dtype, tile, native_wgmma_halo,
 
 
 def _past_2_31_elements(c: int, h: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A channels_last batch of c x h x h images with more than 2**31 elements: n - 1 copies of
-    one image, then another (so only two images need an oracle), and those two images."""
+    """A channels_last batch of c x h x h images whose input, or 64-channel output, has more than
+    2**31 elements: n - 1 copies of one image, then another (so only two images need an
+    oracle), and those two images."""
     if torch.cuda.get_device_properties(0).total_memory < 32 * 2**30:
         pytest.skip("needs 32 GiB of GPU memory")
-    n = 2**31 // (c * h * h) + 2
+    n = 2**31 // (max(c, 64) * h * h) + 2
     pair = torch.randn(2, c, h, h, device="cuda").to(dtype).contiguous(
         memory_format=torch.channels_last)
     big = torch.empty(n, c, h, h, device="cuda", dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     big[:-1].copy_(pair[:1].expand(n - 1, c, h, h))
     big[-1].copy_(pair[1])
-    assert big.numel() > 2**31
+    assert n * max(c, 64) * h * h > 2**31
     return big, pair
 
 
@@ -563,17 +564,18 @@ def _assert_copies_agree(t: torch.Tensor) -> None:
         assert gap <= 1e-2 * t[0].float().abs().amax(), f"images differ by {gap.item():.3e}"
 
 
-# (VGG_KERNELS_NATIVE_WGMMA, C, pool): every CUDA inference kernel (WMMA, the plain wgmma
-# kernel, halo, halo-t and its persistent C == 64 form) on a 224x224 batch past 2**31 input
-# elements; without the pool the output passes 2**31 elements as well. One test runs them in
-# turn, so the GPU test shards never hold several of these batches at once.
-BIG_BATCH_KERNELS = [("0", 64, False), ("1", 64, True), ("halo", 64, False), ("halo-t", 64, True),
-                     ("halo-t", 128, False)]
+# (VGG_KERNELS_NATIVE_WGMMA, C, pool): every CUDA inference kernel (WMMA, the short-reduction
+# kernel for C = 3, the plain wgmma kernel, halo, halo-t and its persistent C == 64 form) on a
+# 224x224 batch past 2**31 input elements (C = 3: output elements); without the pool the output
+# passes 2**31 elements as well. One test runs them in turn, so the GPU test shards never hold
+# several of these batches at once.
+BIG_BATCH_KERNELS = [("0", 3, False), ("0", 64, False), ("1", 64, True), ("halo", 64, False),
+                     ("halo-t", 64, True), ("halo-t", 128, False)]
 
 
 @pytest.mark.gpu
 def test_cuda_infer_offsets_past_2_31_elements(native_cuda, poison_outputs, monkeypatch):
-    """Off Hopper, the WMMA kernel only."""
+    """Off Hopper, the WMMA and short-reduction kernels only."""
     cases = [case for case in BIG_BATCH_KERNELS if case[0] == "0" or not _wgmma_missing()]
     failures = []
     for c in sorted({c for _, c, _ in cases}):
@@ -665,6 +667,59 @@ def test_cuda_wgmma_switches_reject_other_values(variable, value, expected, nati
                                            torch.device("cuda"))
     with pytest.raises(RuntimeError, match=f"{variable} {expected}"):
         native_wgmma.conv_bn_relu_infer(x, weight, scale, shift, False)
+
+
+# (N, C, K, H, W, R, pool) for the short-reduction kernel: 3x3, C from 1 to 7 (one to four
+# 16-long reduction steps), K a multiple of 8 but not always of 64 (several channel blocks, the
+# last one partial), tiles cut at every edge (H, W not multiples of 8 and 16, a 1x1 image, odd H
+# and W with pooling); the last has more tiles than its persistent grid has CTAs on an H200, so
+# CTAs walk several tiles.
+NARROW_SHAPES = [(2, 3, 64, 9, 17, 3, False), (2, 3, 72, 11, 19, 3, True),
+                 (1, 1, 8, 5, 3, 3, True), (1, 7, 16, 17, 18, 3, False),
+                 (2, 5, 136, 8, 16, 3, True), (1, 2, 64, 1, 1, 3, False),
+                 (3, 4, 24, 3, 33, 3, False), (1, 6, 8, 16, 15, 3, True),
+                 (8, 3, 128, 100, 98, 3, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", NARROW_SHAPES,
+                         ids=["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in NARROW_SHAPES])
+def test_cuda_narrow_infer_odd_shapes(shape, dtype, native_cuda, poison_outputs):
+    test_cuda_infer_odd_shapes(shape, dtype, native_cuda)
+
+
+_NARROW = r"conv_narrow_kernel[<I]"
+_WMMA = r"conv_bn_relu_kernel[<I]"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("narrow, c, r, dtype, kernel", [
+    ("", 3, 3, torch.bfloat16, _NARROW), ("1", 7, 3, torch.float16, _NARROW),
+    ("0", 3, 3, torch.bfloat16, _WMMA), ("", 8, 3, torch.bfloat16, _WMMA),
+    ("", 3, 1, torch.bfloat16, _WMMA), ("", 3, 3, torch.float32, _WMMA)],
+    ids=["default-C3", "1-C7", "0-C3", "default-C8", "default-C3R1", "default-C3-fp32"])
+def test_cuda_narrow_switch_picks_the_kernel(narrow, c, r, dtype, kernel, native_cuda,
+                                            monkeypatch):
+    """fp16/bf16 3x3 layers with at most 7 input channels run on the short-reduction kernel
+    unless VGG_KERNELS_NATIVE_NARROW=0; the rest on the WMMA kernel (fp32: its tf32 form)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "0")
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_NARROW", narrow)
+    x, weight, scale, shift = _conv_inputs(2, c, 16, 12, 10, r, dtype, torch.device("cuda"))
+    names = _cuda_kernel_names(
+        lambda: native_cuda.conv_bn_relu_infer(x, weight, scale, shift, False))
+    launched = [name for name in names if re.search(f"{_NARROW}|{_WMMA}", name)]
+    assert launched and all(re.search(kernel, name) for name in launched), names
+
+
+@pytest.mark.gpu
+def test_cuda_narrow_switch_rejects_other_values(native_cuda, monkeypatch):
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_NARROW", "yes")
+    x, weight, scale, shift = _conv_inputs(1, 3, 16, 4, 4, 3, torch.bfloat16,
+                                           torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="VGG_KERNELS_NATIVE_NARROW must be 0 or 1"):
+        native_cuda.conv_bn_relu_infer(x, weight, scale, shift, False)
 
 
 @pytest.mark.gpu

@@ -56,6 +56,15 @@ bool conv_wgmma_halo_supported(const ConvParams& p, DType dtype, cudaStream_t st
 cudaError_t launch_conv_wgmma_halo(const ConvParams& p, DType dtype, bool pixels_n,
                                    int channel_tile, cudaStream_t stream);
 
+// Inference kernel for 3x3 layers with few input channels (conv_narrow.cu): fp16/bf16, r == 3,
+// 1 <= c <= kNarrowMaxChannels, k a multiple of 8, y 16-byte aligned; any compute capability
+// the extension builds for. p.weight is the KRSC weight flattened to (k, 9 c) and zero-padded
+// to (k, kNarrowWeightPitch), 16-byte aligned.
+constexpr int kNarrowMaxChannels = 7;
+constexpr int kNarrowWeightPitch = 64;
+bool conv_narrow_supported(const ConvParams& p, DType dtype);
+cudaError_t launch_conv_narrow(const ConvParams& p, DType dtype, cudaStream_t stream);
+
 // y = maxpool2x2?(relu(z * scale + shift)); z (n, h, w, k) NHWC, y (n, out_h, out_w, k).
 struct BnReluParams {
   const void* z;

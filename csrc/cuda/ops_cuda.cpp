@@ -85,6 +85,18 @@ int wgmma_tile_override() {
   return std::stoi(text);
 }
 
+// VGG_KERNELS_NATIVE_NARROW=0 keeps fp16/bf16 3x3 layers with at most 7 input channels (the
+// RGB first layer) off the kernel for short reductions (conv_narrow.cu); unset, empty or 1: they
+// run on it, unless VGG_KERNELS_NATIVE_WGMMA pads them to 8 channels for the wgmma kernel.
+bool narrow_enabled() {
+  const char* value = std::getenv("VGG_KERNELS_NATIVE_NARROW");
+  if (value == nullptr || *value == '\0') return true;
+  const std::string text(value);
+  TORCH_CHECK(text == "0" || text == "1",
+              "environment variable VGG_KERNELS_NATIVE_NARROW must be 0 or 1 (got '", text, "')");
+  return text == "1";
+}
+
 void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const WgmmaMode wgmma = mode == ConvMode::kInfer && dtype != at::kFloat ? wgmma_mode()
@@ -168,6 +180,21 @@ at::Tensor conv_bn_relu_infer(const at::Tensor& x_in, const at::Tensor& weight,
   p.scale = scale.data_ptr<float>();
   p.shift = shift.data_ptr<float>();
   p.y = y.data_ptr();
+  // (a layer padded to 8 channels for the wgmma kernel above has left this kernel's domain)
+  if (x.scalar_type() != at::kFloat && p.r == 3 && p.c <= kNarrowMaxChannels &&
+      narrow_enabled()) {
+    // the flattened (k, 9 c) weight, zero-padded to the kernel's row pitch
+    const at::Tensor padded = at::constant_pad_nd(weight_krsc.reshape({p.k, p.kdim}),
+                                                  {0, kNarrowWeightPitch - p.kdim})
+                                  .contiguous();
+    ConvParams narrow = p;
+    narrow.weight = padded.data_ptr();
+    const DType type = dtype_of(x);
+    if (conv_narrow_supported(narrow, type)) {
+      C10_CUDA_CHECK(launch_conv_narrow(narrow, type, c10::cuda::getCurrentCUDAStream()));
+      return y;
+    }
+  }
   launch_conv(p, x.scalar_type(), ConvMode::kInfer);
   return y;
 }
