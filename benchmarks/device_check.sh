@@ -9,8 +9,8 @@
 # which is a no-op on a warm machine, and the benchmarks).
 #
 # Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_LAYERS, LIMIT_MODEL,
-# LIMIT_NATIVE_WGMMA, LIMIT_NATIVE_HALO, LIMIT_NATIVE_HALO_T, LIMIT_FIRST_ALT seconds
-# override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next.
+# LIMIT_NATIVE_AUTO, LIMIT_FIRST_ALT, LIMIT_NATIVE_WGMMA, LIMIT_NATIVE_HALO, LIMIT_NATIVE_HALO_T
+# seconds override the defaults) and logs to $OUT/log.txt; a failing step does not stop the next.
 # $OUT/device_check.json records each step's status and time; the benchmark steps write their
 # own JSON next to it. The last lines printed are the summary table.
 set -u
@@ -81,8 +81,8 @@ fi
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
 # torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
 # the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode, then the
-# opt-in and alternative kernels (most needed first: the step limits add up to 640 s, so a
-# call cut short loses the least).
+# opt-in and alternative kernels (most needed first: the step limits add up to 740 s, so a
+# call cut short loses the least; at c0bb73a on an H200 the first two took 67 and 108 s).
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 if [ "$PART" != tests ]; then
 step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
@@ -91,6 +91,10 @@ step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENC
 step bench-model "${LIMIT_MODEL:-200}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
     --backends triton,native,eager,compile --compile-mode max-autotune-no-cudagraphs \
     --time-limit $(( ${LIMIT_MODEL:-200} - 80 )) --out "$OUT/model.json"
+# the native backend choosing its fastest kernel per block (timed on the first call per shape)
+step bench-native-auto "${LIMIT_NATIVE_AUTO:-100}" env VGG_KERNELS_NATIVE_WGMMA=auto \
+    $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
+    --time-limit $(( ${LIMIT_NATIVE_AUTO:-100} - 30 )) --out "$OUT/layers-native-auto.json"
 # the first block on the alternatives to what bench-layers timed: Triton on its unpadded 3
 # channels (the flattened pointer path, not the padded descriptor path), native on the WMMA
 # kernel (not the short-reduction kernel)
@@ -136,7 +140,7 @@ for s in summary["steps"]:
 EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-for suite in layers layers-first-alt layers-native-wgmma layers-native-halo layers-native-halo-t model; do
+for suite in layers layers-native-auto layers-first-alt layers-native-wgmma layers-native-halo layers-native-halo-t model; do
     if [ -f "$OUT/$suite.json" ]; then
         $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
     fi

@@ -39,6 +39,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
 std::string archs();
 // Whether the current device runs the Hopper wgmma inference kernel (VGG_KERNELS_NATIVE_WGMMA=1).
 bool wgmma_available();
+// The kernel the last conv_bn_relu_infer call on a CUDA tensor ran: "wmma", "narrow", "wgmma",
+// "halo" or "halo-t"; "" before the first.
+std::string last_infer_kernel();
 }  // namespace cuda
 #endif
 

@@ -189,6 +189,15 @@ bool cuda_wgmma_available() {
 #endif
 }
 
+// The kernel the last CUDA inference call ran (see cuda::last_infer_kernel); "" without CUDA.
+std::string cuda_last_infer_kernel() {
+#ifdef VGG_KERNELS_WITH_CUDA
+  return cuda::last_infer_kernel();
+#else
+  return "";
+#endif
+}
+
 }  // namespace
 }  // namespace vgg_kernels
 
@@ -202,6 +211,7 @@ TORCH_LIBRARY(vgg_kernels, m) {
         "Tensor beta, bool pool) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta)");
   m.def("build_info() -> str", &vgg_kernels::build_info);
   m.def("cuda_wgmma_available() -> bool", &vgg_kernels::cuda_wgmma_available);
+  m.def("cuda_last_infer_kernel() -> str", &vgg_kernels::cuda_last_infer_kernel);
 }
 
 TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {

@@ -633,6 +633,8 @@ _HALO_M = r"conv_wgmma_halo_kernel(<[^,]+, \d+, false|I\w+?Li\d+ELb0E)"
 _HALO_N = r"conv_wgmma_halo_kernel(<[^,]+, 64, true|I\w+?Li64ELb1E)"
 _RESIDENT = r"conv_wgmma_halo_resident_kernel[<I]"
 _PLAIN = r"conv_wgmma_kernel[<I]"
+_NARROW = r"conv_narrow_kernel[<I]"
+_WMMA = r"conv_bn_relu_kernel[<I]"
 
 
 @pytest.mark.gpu
@@ -655,9 +657,36 @@ def test_cuda_wgmma_switch_picks_the_kernel(mode, c, r, kernel, native_wgmma, mo
     assert launched and all(re.search(kernel, name) for name in launched), names
 
 
+# what each value of native.cuda_last_infer_kernel() launches
+_KERNEL_NAMES = {"wmma": _WMMA, "narrow": _NARROW, "wgmma": _PLAIN, "halo": _HALO_M,
+                 "halo-t": f"{_HALO_N}|{_RESIDENT}"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", [VGG16_LAYERS[0], VGG16_LAYERS[1], VGG16_LAYERS[2],
+                                   VGG16_LAYERS[7]],
+                         ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_cuda_auto_keeps_a_correct_kernel(layer, native_cuda, monkeypatch):
+    """VGG_KERNELS_NATIVE_WGMMA=auto: the first call per shape times every kernel that applies
+    (and its result is right); later calls launch only the kept one."""
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", "auto")
+    test_cuda_infer_matches_cudnn(layer, torch.bfloat16, native_cuda)
+    kept = native.cuda_last_infer_kernel()
+    allowed = {"wmma", "narrow"} | (set() if _wgmma_missing() else {"wgmma", "halo", "halo-t"})
+    assert kept in allowed
+    c, k, h, pool = layer
+    x, weight, scale, shift = _conv_inputs(GPU_BATCH, c, k, h, h, 3, torch.bfloat16,
+                                           torch.device("cuda"))
+    names = _cuda_kernel_names(
+        lambda: native_cuda.conv_bn_relu_infer(x, weight, scale, shift, pool))
+    convs = [name for name in names if re.search("|".join(_KERNEL_NAMES.values()), name)]
+    assert len(convs) == 1 and re.search(_KERNEL_NAMES[kept], convs[0]), (kept, names)
+    assert native.cuda_last_infer_kernel() == kept
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variable, value, expected", [
-    ("VGG_KERNELS_NATIVE_WGMMA", "yes", "must be 0, 1, halo or halo-t"),
+    ("VGG_KERNELS_NATIVE_WGMMA", "yes", "must be 0, 1, halo, halo-t or auto"),
     ("VGG_KERNELS_NATIVE_WGMMA_TILE", "96", "must be 64, 128 or 256")],
     ids=["wgmma", "tile"])
 def test_cuda_wgmma_switches_reject_other_values(variable, value, expected, native_wgmma,
@@ -687,10 +716,6 @@ NARROW_SHAPES = [(2, 3, 64, 9, 17, 3, False), (2, 3, 72, 11, 19, 3, True),
                          ids=["N{}C{}K{}H{}W{}R{}pool{}".format(*s) for s in NARROW_SHAPES])
 def test_cuda_narrow_infer_odd_shapes(shape, dtype, native_cuda, poison_outputs):
     test_cuda_infer_odd_shapes(shape, dtype, native_cuda)
-
-
-_NARROW = r"conv_narrow_kernel[<I]"
-_WMMA = r"conv_bn_relu_kernel[<I]"
 
 
 @pytest.mark.gpu

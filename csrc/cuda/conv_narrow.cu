@@ -325,8 +325,9 @@ bool conv_narrow_supported(const ConvParams& p, DType dtype) {
   if (dtype == DType::kFloat32 || p.r != 3 || p.c < 1 || p.c > kMaxChannels || p.k % 8 != 0) {
     return false;
   }
+  // (p.weight is the caller's padded copy, 16-byte aligned by contract)
   const auto address = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
-  return address(p.weight) % 16 == 0 && address(p.y) % 16 == 0 && address(p.x) % 2 == 0;
+  return address(p.y) % 16 == 0 && address(p.x) % 2 == 0;
 }
 
 cudaError_t launch_conv_narrow(const ConvParams& p, DType dtype, cudaStream_t stream) {

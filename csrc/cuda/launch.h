@@ -58,8 +58,8 @@ cudaError_t launch_conv_wgmma_halo(const ConvParams& p, DType dtype, bool pixels
 
 // Inference kernel for 3x3 layers with few input channels (conv_narrow.cu): fp16/bf16, r == 3,
 // 1 <= c <= kNarrowMaxChannels, k a multiple of 8, y 16-byte aligned; any compute capability
-// the extension builds for. p.weight is the KRSC weight flattened to (k, 9 c) and zero-padded
-// to (k, kNarrowWeightPitch), 16-byte aligned.
+// the extension builds for. For the launch, p.weight is the KRSC weight flattened to (k, 9 c)
+// and zero-padded to (k, kNarrowWeightPitch), 16-byte aligned (the check does not read it).
 constexpr int kNarrowMaxChannels = 7;
 constexpr int kNarrowWeightPitch = 64;
 bool conv_narrow_supported(const ConvParams& p, DType dtype);

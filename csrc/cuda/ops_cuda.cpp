@@ -6,8 +6,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <initializer_list>
+#include <limits>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "../ops.h"
 #include "launch.h"
@@ -51,12 +57,33 @@ ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight_krsc, bool 
   return p;
 }
 
-// VGG_KERNELS_NATIVE_WGMMA=1 runs fp16/bf16 inference on the Hopper wgmma kernel where it
-// applies; =halo also runs 3x3 layers with C a multiple of 64 on the kernel that copies each
-// input halo once per channel block (conv_wgmma_halo.cu), with the pixels as the MMA's M
-// operand; =halo-t the same with the pixels as N; unset, empty or 0: the WMMA kernel. Read per
-// call, so one process can time every kernel.
-enum class WgmmaMode { kOff, kPlain, kHalo, kHaloT };
+// The inference kernels. VGG_KERNELS_NATIVE_WGMMA picks among them for fp16/bf16 (read per
+// call, so one process can time every kernel): unset, empty or 0: the WMMA kernel; =1: the
+// Hopper wgmma kernel where it applies (conv_wgmma.cu); =halo: also, for 3x3 layers with C a
+// multiple of 64, the kernel that copies each input halo once per channel block
+// (conv_wgmma_halo.cu) with the pixels as the MMA's M operand; =halo-t: the same with the pixels
+// as N; =auto: the fastest of those that apply, timed on the first call per shape (below). In
+// every mode but auto, 3x3 layers with at most 7 input channels take the short-reduction kernel
+// (conv_narrow.cu) unless a wgmma kernel runs them (padded to 8 channels) or
+// VGG_KERNELS_NATIVE_NARROW=0. fp32 always runs on the WMMA (tf32) or CUDA-core kernel.
+enum class InferKernel : int { kWmma, kNarrow, kWgmma, kHalo, kHaloT };
+
+const char* kernel_name(InferKernel kernel) {
+  switch (kernel) {
+    case InferKernel::kNarrow:
+      return "narrow";
+    case InferKernel::kWgmma:
+      return "wgmma";
+    case InferKernel::kHalo:
+      return "halo";
+    case InferKernel::kHaloT:
+      return "halo-t";
+    default:
+      return "wmma";
+  }
+}
+
+enum class WgmmaMode { kOff, kPlain, kHalo, kHaloT, kAuto };
 
 WgmmaMode wgmma_mode() {
   const char* value = std::getenv("VGG_KERNELS_NATIVE_WGMMA");
@@ -65,15 +92,14 @@ WgmmaMode wgmma_mode() {
   if (text == "0") return WgmmaMode::kOff;
   if (text == "1") return WgmmaMode::kPlain;
   if (text == "halo") return WgmmaMode::kHalo;
-  TORCH_CHECK(text == "halo-t",
-              "environment variable VGG_KERNELS_NATIVE_WGMMA must be 0, 1, halo or halo-t (got '",
-              text, "')");
-  return WgmmaMode::kHaloT;
+  if (text == "halo-t") return WgmmaMode::kHaloT;
+  TORCH_CHECK(text == "auto",
+              "environment variable VGG_KERNELS_NATIVE_WGMMA must be 0, 1, halo, halo-t or auto "
+              "(got '", text, "')");
+  return WgmmaMode::kAuto;
 }
 
-bool wgmma_requested() { return wgmma_mode() != WgmmaMode::kOff; }
-
-// VGG_KERNELS_NATIVE_WGMMA_TILE=64|128|256 fixes the wgmma kernel's output channels per CTA
+// VGG_KERNELS_NATIVE_WGMMA_TILE=64|128|256 fixes the wgmma kernels' output channels per CTA
 // (for tests and timing); unset, the kernel chooses from the shape.
 int wgmma_tile_override() {
   const char* value = std::getenv("VGG_KERNELS_NATIVE_WGMMA_TILE");
@@ -86,8 +112,7 @@ int wgmma_tile_override() {
 }
 
 // VGG_KERNELS_NATIVE_NARROW=0 keeps fp16/bf16 3x3 layers with at most 7 input channels (the
-// RGB first layer) off the kernel for short reductions (conv_narrow.cu); unset, empty or 1: they
-// run on it, unless VGG_KERNELS_NATIVE_WGMMA pads them to 8 channels for the wgmma kernel.
+// RGB first layer) off the short-reduction kernel; unset, empty or 1: it may run them.
 bool narrow_enabled() {
   const char* value = std::getenv("VGG_KERNELS_NATIVE_NARROW");
   if (value == nullptr || *value == '\0') return true;
@@ -97,23 +122,8 @@ bool narrow_enabled() {
   return text == "1";
 }
 
-void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const WgmmaMode wgmma = mode == ConvMode::kInfer && dtype != at::kFloat ? wgmma_mode()
-                                                                          : WgmmaMode::kOff;
-  if (wgmma != WgmmaMode::kOff) {
-    const DType type = dtype == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-    if ((wgmma == WgmmaMode::kHalo || wgmma == WgmmaMode::kHaloT) &&
-        conv_wgmma_halo_supported(p, type, stream)) {
-      C10_CUDA_CHECK(launch_conv_wgmma_halo(p, type, wgmma == WgmmaMode::kHaloT,
-                                            wgmma_tile_override(), stream));
-      return;
-    }
-    if (conv_wgmma_supported(p, type, stream)) {
-      C10_CUDA_CHECK(launch_conv_wgmma(p, type, wgmma_tile_override(), stream));
-      return;
-    }
-  }
+// The WMMA kernel family (and the CUDA-core fp32 kernel), for inference and the training forward.
+void launch_wmma(const ConvParams& p, at::ScalarType dtype, ConvMode mode, cudaStream_t stream) {
   cudaError_t status;
   switch (dtype) {
     case at::kHalf:
@@ -130,6 +140,198 @@ void launch_conv(const ConvParams& p, at::ScalarType dtype, ConvMode mode) {
   C10_CUDA_CHECK(status);
 }
 
+// The wgmma kernel copies 16-byte chunks of 8 channels, so it takes C multiples of 8. A layer
+// with fewer channels (the RGB first layer) gets its input and weights zero-padded to 8 for it:
+// 16-byte copies instead of the WMMA kernel's per-element loads, for 8/C times the (small)
+// tensor-core work.
+constexpr int64_t kWgmmaChannels = 8;
+
+// One inference call in the kernels' layouts: x NHWC (channels_last), weight KRSC in x's dtype,
+// fp32 scale and shift, the output y.
+struct InferCall {
+  at::Tensor x, weight_krsc, scale, shift, y;
+  bool pool;
+};
+
+ConvParams infer_params(const at::Tensor& x, const at::Tensor& weight_krsc,
+                        const InferCall& call) {
+  ConvParams p = conv_params(x, weight_krsc, call.pool);
+  p.scale = call.scale.data_ptr<float>();
+  p.shift = call.shift.data_ptr<float>();
+  p.y = call.y.data_ptr();
+  return p;
+}
+
+bool applies(InferKernel kernel, const InferCall& call, cudaStream_t stream) {
+  if (kernel == InferKernel::kWmma) return true;
+  if (call.x.scalar_type() == at::kFloat) return false;
+  const ConvParams p = infer_params(call.x, call.weight_krsc, call);
+  const DType type = dtype_of(call.x);
+  switch (kernel) {
+    case InferKernel::kNarrow:
+      return narrow_enabled() && conv_narrow_supported(p, type);
+    case InferKernel::kWgmma:
+      return p.c < kWgmmaChannels ? p.k % kWgmmaChannels == 0 && wgmma_runs_here(stream)
+                                  : conv_wgmma_supported(p, type, stream);
+    default:
+      return conv_wgmma_halo_supported(p, type, stream);
+  }
+}
+
+void run(InferKernel kernel, const InferCall& call, cudaStream_t stream) {
+  const DType type = dtype_of(call.x);
+  ConvParams p = infer_params(call.x, call.weight_krsc, call);
+  switch (kernel) {
+    case InferKernel::kNarrow: {
+      // the flattened (k, 9 c) weight, zero-padded to the kernel's row pitch
+      const at::Tensor padded = at::constant_pad_nd(call.weight_krsc.reshape({p.k, p.kdim}),
+                                                    {0, kNarrowWeightPitch - p.kdim})
+                                    .contiguous();
+      p.weight = padded.data_ptr();
+      C10_CUDA_CHECK(launch_conv_narrow(p, type, stream));
+      return;
+    }
+    case InferKernel::kWgmma:
+      if (p.c < kWgmmaChannels) {
+        const int64_t extra = kWgmmaChannels - p.c;
+        // pad the channel (last) dimension of the NHWC views; back to NCHW-shaped channels_last
+        const at::Tensor x = at::constant_pad_nd(call.x.permute({0, 2, 3, 1}), {0, extra})
+                                 .contiguous()
+                                 .permute({0, 3, 1, 2});
+        const at::Tensor weight = at::constant_pad_nd(call.weight_krsc, {0, extra}).contiguous();
+        C10_CUDA_CHECK(launch_conv_wgmma(infer_params(x, weight, call), type,
+                                         wgmma_tile_override(), stream));
+        return;
+      }
+      C10_CUDA_CHECK(launch_conv_wgmma(p, type, wgmma_tile_override(), stream));
+      return;
+    case InferKernel::kHalo:
+    case InferKernel::kHaloT:
+      C10_CUDA_CHECK(launch_conv_wgmma_halo(p, type, kernel == InferKernel::kHaloT,
+                                            wgmma_tile_override(), stream));
+      return;
+    default:
+      launch_wmma(p, call.x.scalar_type(), ConvMode::kInfer, stream);
+  }
+}
+
+InferKernel first_applying(std::initializer_list<InferKernel> order, const InferCall& call,
+                           cudaStream_t stream) {
+  for (const InferKernel kernel : order) {
+    if (applies(kernel, call, stream)) return kernel;
+  }
+  return InferKernel::kWmma;
+}
+
+// VGG_KERNELS_NATIVE_WGMMA=auto, as torch.backends.cudnn.benchmark does for cuDNN: the first
+// call per (device, shape, dtype, pool, switches) runs every kernel that applies once, then
+// three more times under CUDA events, and keeps the one with the shortest run; later calls run
+// the kept one. A call during CUDA graph capture cannot be timed: it runs the kernel the
+// default mode would, unless a choice is already kept.
+struct TuneKey {
+  int device;
+  int64_t n, c, h, w, k;
+  int r;
+  bool pool, narrow;
+  int dtype, tile;
+  bool operator==(const TuneKey& o) const {
+    return device == o.device && n == o.n && c == o.c && h == o.h && w == o.w && k == o.k &&
+           r == o.r && pool == o.pool && narrow == o.narrow && dtype == o.dtype && tile == o.tile;
+  }
+};
+
+struct TuneKeyHash {
+  size_t operator()(const TuneKey& key) const {
+    size_t seed = 0;
+    for (const int64_t v : {static_cast<int64_t>(key.device), key.n, key.c, key.h, key.w, key.k,
+                            static_cast<int64_t>(key.r), static_cast<int64_t>(key.pool),
+                            static_cast<int64_t>(key.narrow), static_cast<int64_t>(key.dtype),
+                            static_cast<int64_t>(key.tile)}) {
+      seed ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (seed << 6) + (seed >> 2);
+    }
+    return seed;
+  }
+};
+
+std::mutex tune_mutex;
+std::unordered_map<TuneKey, InferKernel, TuneKeyHash> tuned_kernels;
+
+// The shortest of three timed runs (after one untimed run), in milliseconds.
+float time_runs(InferKernel kernel, const InferCall& call, cudaStream_t stream) {
+  struct Events {  // destroyed on every path, a throwing launch included
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Events() {
+      if (start != nullptr) cudaEventDestroy(start);
+      if (stop != nullptr) cudaEventDestroy(stop);
+    }
+  } events;
+  C10_CUDA_CHECK(cudaEventCreate(&events.start));
+  C10_CUDA_CHECK(cudaEventCreate(&events.stop));
+  run(kernel, call, stream);
+  float best = std::numeric_limits<float>::infinity();
+  for (int i = 0; i < 3; ++i) {
+    C10_CUDA_CHECK(cudaEventRecord(events.start, stream));
+    run(kernel, call, stream);
+    C10_CUDA_CHECK(cudaEventRecord(events.stop, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(events.stop));
+    float ms = 0.0f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, events.start, events.stop));
+    best = std::min(best, ms);
+  }
+  return best;
+}
+
+InferKernel tuned_kernel(const InferCall& call, cudaStream_t stream) {
+  const TuneKey key{static_cast<int>(call.x.get_device()), call.x.size(0), call.x.size(1),
+                    call.x.size(2), call.x.size(3), call.weight_krsc.size(0),
+                    static_cast<int>(call.weight_krsc.size(1)), call.pool, narrow_enabled(),
+                    static_cast<int>(call.x.scalar_type()), wgmma_tile_override()};
+  {
+    const std::lock_guard<std::mutex> lock(tune_mutex);
+    const auto found = tuned_kernels.find(key);
+    if (found != tuned_kernels.end()) return found->second;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    return first_applying({InferKernel::kNarrow, InferKernel::kWmma}, call, stream);
+  }
+  InferKernel best = InferKernel::kWmma;
+  float best_ms = std::numeric_limits<float>::infinity();
+  for (const InferKernel kernel : {InferKernel::kWmma, InferKernel::kNarrow, InferKernel::kWgmma,
+                                   InferKernel::kHalo, InferKernel::kHaloT}) {
+    if (!applies(kernel, call, stream)) continue;
+    const float ms = time_runs(kernel, call, stream);
+    if (ms < best_ms) {
+      best_ms = ms;
+      best = kernel;
+    }
+  }
+  const std::lock_guard<std::mutex> lock(tune_mutex);
+  tuned_kernels[key] = best;
+  return best;
+}
+
+InferKernel choose(const InferCall& call, cudaStream_t stream) {
+  if (call.x.scalar_type() == at::kFloat) return InferKernel::kWmma;
+  switch (wgmma_mode()) {
+    case WgmmaMode::kPlain:
+      return first_applying({InferKernel::kWgmma, InferKernel::kNarrow}, call, stream);
+    case WgmmaMode::kHalo:
+      return first_applying({InferKernel::kHalo, InferKernel::kWgmma, InferKernel::kNarrow},
+                            call, stream);
+    case WgmmaMode::kHaloT:
+      return first_applying({InferKernel::kHaloT, InferKernel::kWgmma, InferKernel::kNarrow},
+                            call, stream);
+    case WgmmaMode::kAuto:
+      return tuned_kernel(call, stream);
+    default:
+      return first_applying({InferKernel::kNarrow}, call, stream);
+  }
+}
+
+std::atomic<int> last_kernel{-1};
+
 }  // namespace
 
 std::string archs() { return compiled_archs(); }
@@ -143,60 +345,28 @@ bool wgmma_available() {
   return wgmma_runs_here(c10::cuda::getCurrentCUDAStream());
 }
 
-// The wgmma kernel copies 16-byte chunks of 8 channels, so it takes C multiples of 8. A layer
-// with fewer channels (the RGB first layer) gets its input and weights zero-padded to 8 when
-// that kernel is asked for and runs here: 16-byte copies instead of the WMMA kernel's per-element
-// loads, for 8/C times the (small) tensor-core work.
-namespace {
-
-constexpr int64_t kWgmmaChannels = 8;
-
-bool pads_for_wgmma(const at::Tensor& x, const at::Tensor& weight_krsc) {
-  return x.scalar_type() != at::kFloat && x.size(1) < kWgmmaChannels &&
-         weight_krsc.size(0) % kWgmmaChannels == 0 && wgmma_requested() &&
-         wgmma_runs_here(c10::cuda::getCurrentCUDAStream());
+std::string last_infer_kernel() {
+  const int kernel = last_kernel.load();
+  return kernel < 0 ? "" : kernel_name(static_cast<InferKernel>(kernel));
 }
-
-}  // namespace
 
 at::Tensor conv_bn_relu_infer(const at::Tensor& x_in, const at::Tensor& weight,
                               const at::Tensor& scale_in, const at::Tensor& shift_in, bool pool) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor weight_krsc = weight.to(x_in.scalar_type()).permute({0, 2, 3, 1}).contiguous();
-  at::Tensor x;
-  if (pads_for_wgmma(x_in, weight_krsc)) {
-    const int64_t extra = kWgmmaChannels - x_in.size(1);
-    // pad the channel (last) dimension of the NHWC views, straight from x_in's layout; back to
-    // an NCHW-shaped channels_last x
-    x = at::constant_pad_nd(x_in.permute({0, 2, 3, 1}), {0, extra}).contiguous().permute(
-        {0, 3, 1, 2});
-    weight_krsc = at::constant_pad_nd(weight_krsc, {0, extra}).contiguous();
-  } else {
-    x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  }
-  const at::Tensor scale = fp32_vector(scale_in), shift = fp32_vector(shift_in);
-  ConvParams p = conv_params(x, weight_krsc, pool);
-  at::Tensor y = empty_nhwc(p.n, p.k, p.out_h, p.out_w, x);
-  p.scale = scale.data_ptr<float>();
-  p.shift = shift.data_ptr<float>();
-  p.y = y.data_ptr();
-  // (a layer padded to 8 channels for the wgmma kernel above has left this kernel's domain)
-  if (x.scalar_type() != at::kFloat && p.r == 3 && p.c <= kNarrowMaxChannels &&
-      narrow_enabled()) {
-    // the flattened (k, 9 c) weight, zero-padded to the kernel's row pitch
-    const at::Tensor padded = at::constant_pad_nd(weight_krsc.reshape({p.k, p.kdim}),
-                                                  {0, kNarrowWeightPitch - p.kdim})
-                                  .contiguous();
-    ConvParams narrow = p;
-    narrow.weight = padded.data_ptr();
-    const DType type = dtype_of(x);
-    if (conv_narrow_supported(narrow, type)) {
-      C10_CUDA_CHECK(launch_conv_narrow(narrow, type, c10::cuda::getCurrentCUDAStream()));
-      return y;
-    }
-  }
-  launch_conv(p, x.scalar_type(), ConvMode::kInfer);
-  return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  InferCall call;
+  call.x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  call.weight_krsc = weight.to(x_in.scalar_type()).permute({0, 2, 3, 1}).contiguous();
+  call.scale = fp32_vector(scale_in);
+  call.shift = fp32_vector(shift_in);
+  call.pool = pool;
+  const int64_t h = call.x.size(2), w = call.x.size(3);
+  call.y = empty_nhwc(call.x.size(0), call.weight_krsc.size(0), pool ? h / 2 : h,
+                      pool ? w / 2 : w, call.x);
+  const InferKernel kernel = choose(call, stream);
+  run(kernel, call, stream);
+  last_kernel.store(static_cast<int>(kernel));
+  return call.y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
@@ -217,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
   p.y = z.data_ptr();
   p.sum = sum.data_ptr<double>();
   p.sumsq = sumsq.data_ptr<double>();
-  launch_conv(p, x.scalar_type(), ConvMode::kStats);
+  launch_wmma(p, x.scalar_type(), ConvMode::kStats, c10::cuda::getCurrentCUDAStream());
   return {z, sum.to(at::kFloat), sumsq.to(at::kFloat)};
 }
 

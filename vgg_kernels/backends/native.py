@@ -103,6 +103,15 @@ def cuda_wgmma_available() -> bool:
     return bool(torch.ops.vgg_kernels.cuda_wgmma_available())
 
 
+def cuda_last_infer_kernel() -> str:
+    """The CUDA kernel the last native inference call ran: ``wmma``, ``narrow``, ``wgmma``,
+    ``halo`` or ``halo-t`` (with ``VGG_KERNELS_NATIVE_WGMMA=auto``, the one kept for its shape);
+    empty before the first call or without the extension."""
+    if _load() is not None:
+        return ""
+    return str(torch.ops.vgg_kernels.cuda_last_infer_kernel())
+
+
 # -- fake (meta) kernels: shapes, dtypes and memory formats of the C++ ops ----------------------
 
 def _empty_nhwc(shape, like: torch.Tensor) -> torch.Tensor:

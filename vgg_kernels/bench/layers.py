@@ -155,6 +155,13 @@ def _triton_kernel_config() -> dict[str, Any] | None:
     return {"label": conv_bn_relu.describe_config(config), **config}
 
 
+def _native_kernel() -> str | None:
+    """The CUDA kernel the native backend's last inference call ran (its choice under
+    VGG_KERNELS_NATIVE_WGMMA=auto)."""
+    from vgg_kernels.backends import native
+    return native.cuda_last_infer_kernel() or None
+
+
 def _make_case(prefix: str, spec: LayerSpec, backend: str, samples: list[float], flops: float,
                peak_tflops: float, rotating: int, extra: dict[str, Any]) -> dict[str, Any]:
     stats = summarize(samples)
@@ -205,6 +212,8 @@ def _run_layer(spec: LayerSpec, settings: RunSettings, fused: list[str], compile
                                      repeats=settings.repeats)
                 if name == "triton" and device.type == "cuda":
                     extra["kernel_config"] = _triton_kernel_config()
+                if name == "native" and device.type == "cuda":
+                    extra["native_kernel"] = _native_kernel()
             except Exception as error:  # one failing backend must not lose the others
                 skipped.append({"backend": name, "layer": spec.name,
                                 "reason": _short_error(error)})
