@@ -14,12 +14,13 @@
 // - The grid is persistent: each CTA walks tiles p, p + P, ... and loads the next tile's halo
 //   into registers while it computes and stores the current one.
 // - The epilogue applies the BN scale and shift and ReLU to the fp32 accumulators (and the 2x2
-//   max-pool: a window is two m16 tiles' rows, one lane pair apart), stages the tile per warp in
-//   shared memory and writes whole 16-byte chunks of 8 channels, 512 contiguous bytes per warp
-//   store when K = 64.
+//   max-pool: a window's rows are the same element of the two m16 tiles, its columns lanes 4
+//   apart), stages the tile per warp in shared memory and writes whole 16-byte chunks of 8
+//   channels, 512 contiguous bytes per warp store when K = 64.
 //
 // Warp w owns tile rows 2w and 2w + 1 (one m16 tile each: the 16 pixels of the row are the MMA's
-// rows) by all 64 channels (eight n8 tiles). mma.sync runs on every GPU the extension builds for
+// rows) by all 64 channels (eight n8 tiles). C is a template parameter, so the halo copy and the
+// gather offsets are unrolled for it. mma.sync runs on every GPU the extension builds for
 // (compute capability 8.0 or newer).
 #include <algorithm>
 
@@ -33,6 +34,7 @@ constexpr int kTileH = 8, kTileW = 16;  // conv output pixels per tile
 constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
 constexpr int kHaloPixels = kHaloH * kHaloW;  // 180
 constexpr int kMaxChannels = kNarrowMaxChannels;  // 9 * 7 = 63: at most four 16-long steps
+static_assert(9 * kMaxChannels <= kNarrowWeightPitch, "the padded weight row holds 9 * C");
 constexpr int kWeightPitch = kNarrowWeightPitch;  // padded weight row (elements) per channel
 constexpr int kThreads = 128;
 constexpr int kBN = 64;          // output channels per CTA
@@ -77,36 +79,43 @@ __device__ __forceinline__ uint32_t pack_floats(float low, float high) {
 }
 
 struct Tile {
-  int64_t image;
-  int64_t oh0, ow0;  // first conv output row and column
+  int image;
+  int oh0, ow0;  // first conv output row and column
   bool valid;
 };
 
-__device__ __forceinline__ Tile decode_tile(int64_t t, int64_t tiles_h, int64_t tiles_w,
-                                            int64_t num_tiles) {
+// Tile t of the walk (32-bit: the host launches at most 2**31 - 1 tiles): image-major, then tile
+// rows, then tile columns.
+__device__ __forceinline__ Tile decode_tile(int t, int tiles_h, int tiles_w, int num_tiles) {
   Tile tile{};
   tile.valid = t < num_tiles;
-  const int64_t spatial = t % (tiles_h * tiles_w);
+  const int spatial = t % (tiles_h * tiles_w);
   tile.image = t / (tiles_h * tiles_w);
   tile.oh0 = (spatial / tiles_w) * kTileH;
   tile.ow0 = (spatial % tiles_w) * kTileW;
   return tile;
 }
 
-template <typename T, int kSteps, bool kPool>
-__global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams p,
-                                                                const int64_t tiles_h,
-                                                                const int64_t tiles_w) {
-  __shared__ __align__(16) unsigned short halo[kHaloPixels * kMaxChannels];
+// CTAs per SM the register budget is set for: four (at most 128 registers) where the
+// reduction is at most two steps, three (170) for three steps, two for four (no spills then)
+constexpr int min_blocks(int channels) { return channels <= 3 ? 4 : channels <= 5 ? 3 : 2; }
+
+template <typename T, int kC, bool kPool>
+__global__ void __launch_bounds__(kThreads, min_blocks(kC))
+    conv_narrow_kernel(const ConvParams p, const int tiles_h, const int tiles_w) {
+  constexpr int kSteps = (9 * kC + 15) / 16;  // 16-long reduction steps
+  // output pixels a warp stores per tile: 2 rows of 16, or 1 pooled row of 8
+  constexpr int kRows = kPool ? 1 : 2, kCols = kPool ? kTileW / 2 : kTileW;
+  __shared__ __align__(16) unsigned short halo[kHaloPixels * kC];
   __shared__ __align__(16) unsigned short weights[kBN * kWeightRow];
   __shared__ float scale_s[kBN], shift_s[kBN];
   __shared__ __align__(16) T stage_all[kThreads / 32][32 * kPitch];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;  // MMA fragment row group and column pair
-  const int c = static_cast<int>(p.c);
   const int64_t n_block = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int64_t num_tiles = p.n * tiles_h * tiles_w;
+  const int num_tiles = static_cast<int>(p.n) * tiles_h * tiles_w;
+  const int64_t out_h = kPool ? p.out_h : p.h, out_w = kPool ? p.out_w : p.w;
   const unsigned short* x = static_cast<const unsigned short*>(p.x);
   T* y = static_cast<T*>(p.y);
 
@@ -132,32 +141,43 @@ __global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int k = 16 * ks + 2 * t4 + (i & 1) + 8 * (i >> 1);
-      const int tap = k / c, channel = k - tap * c;
-      koff[ks][i] = k < 9 * c ? ((tap / 3) * kHaloW + tap % 3) * c + channel : -1;
+      const int tap = k / kC, channel = k % kC;
+      koff[ks][i] = k < 9 * kC ? ((tap / 3) * kHaloW + tap % 3) * kC + channel : -1;
     }
   }
 
-  // the halo pixels this thread copies: halo position hp = tid + kThreads * s
-  unsigned short next[kHaloSlots][kMaxChannels];
-  const auto load_halo = [&](int64_t t) {
+  // The halo pixels this thread copies, hp = tid + kThreads * s: row hp / kHaloW and column
+  // hp % kHaloW of the halo, at element offset slot_offset[s] from the halo's corner in x.
+  int slot_offset[kHaloSlots];
+#pragma unroll
+  for (int s = 0; s < kHaloSlots; ++s) {
+    const int hp = tid + kThreads * s;
+    slot_offset[s] = (hp / kHaloW * static_cast<int>(p.w) + hp % kHaloW) * kC;
+  }
+  unsigned short next[kHaloSlots][kC];
+  const auto load_halo = [&](int t) {
     const Tile tile = decode_tile(t, tiles_h, tiles_w, num_tiles);
+    // element index of halo pixel (0, 0): input row oh0 - 1, column ow0 - 1
+    const int64_t corner =
+        ((static_cast<int64_t>(tile.image) * p.h + tile.oh0 - 1) * p.w + tile.ow0 - 1) * kC;
 #pragma unroll
     for (int s = 0; s < kHaloSlots; ++s) {
       const int hp = tid + kThreads * s;
-      const int64_t ih = tile.oh0 - 1 + hp / kHaloW, iw = tile.ow0 - 1 + hp % kHaloW;
+      const int ih = tile.oh0 - 1 + hp / kHaloW, iw = tile.ow0 - 1 + hp % kHaloW;
       const bool ok = tile.valid && hp < kHaloPixels && ih >= 0 && ih < p.h && iw >= 0 &&
                       iw < p.w;
-      const unsigned short* src = x + ((tile.image * p.h + (ok ? ih : 0)) * p.w +
-                                       (ok ? iw : 0)) * c;
 #pragma unroll
-      for (int ch = 0; ch < kMaxChannels; ++ch) {
-        next[s][ch] = ok && ch < c ? __ldg(src + ch) : static_cast<unsigned short>(0);
+      for (int ch = 0; ch < kC; ++ch) {
+        next[s][ch] = ok ? __ldg(x + (corner + slot_offset[s] + ch)) : static_cast<unsigned short>(0);
       }
     }
   };
 
+  // where this lane stores: channel chunk lane % 8 of staged pixels lane / 8 + 4 j
+  const int chunk = lane % 8, first = lane / 8;
+  const bool chunk_ok = n_block + 8 * chunk < p.k;
   T* stage = stage_all[warp];
-  int64_t t = blockIdx.x;
+  int t = blockIdx.x;
   load_halo(t);
   for (; t < num_tiles; t += gridDim.x) {
     const Tile tile = decode_tile(t, tiles_h, tiles_w, num_tiles);
@@ -167,9 +187,7 @@ __global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams 
       const int hp = tid + kThreads * s;
       if (hp < kHaloPixels) {
 #pragma unroll
-        for (int ch = 0; ch < kMaxChannels; ++ch) {
-          if (ch < c) halo[hp * c + ch] = next[s][ch];
-        }
+        for (int ch = 0; ch < kC; ++ch) halo[hp * kC + ch] = next[s][ch];
       }
     }
     __syncthreads();
@@ -197,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams 
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             v[r][i] = koff[ks][i] < 0 ? static_cast<unsigned short>(0)
-                                      : halo[(row_base + 8 * r) * c + koff[ks][i]];
+                                      : halo[(row_base + 8 * r) * kC + koff[ks][i]];
           }
         }
         a[mt][0] = pack(v[0][0], v[0][1]);
@@ -217,8 +235,8 @@ __global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams 
     }
 
     // epilogue: accumulator (row r of m16 tile mt, n8 tile nt) element i is pixel column
-    // g + 8 (i / 2) of tile row 2 warp + mt, channel 8 nt + 2 t4 + i % 2
-    int pixels;  // staged rows: 32 conv pixels, or 8 pooled ones
+    // g + 8 (i / 2) of tile row 2 warp + mt, channel 8 nt + 2 t4 + i % 2; staged row = the
+    // warp's output pixel (row-major: kRows x kCols)
     if constexpr (kPool) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
@@ -243,7 +261,6 @@ __global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams 
           }
         }
       }
-      pixels = kTileW / 2;
     } else {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
@@ -259,34 +276,36 @@ __global__ void __launch_bounds__(kThreads) conv_narrow_kernel(const ConvParams 
           }
         }
       }
-      pixels = 2 * kTileW;
     }
     __syncwarp();
-    // whole 16-byte chunks of 8 channels: staged pixel v / 8, chunk v % 8
-    const int64_t out_h = kPool ? p.out_h : p.h, out_w = kPool ? p.out_w : p.w;
-    const int64_t row0 = kPool ? tile.oh0 / 2 + warp : tile.oh0 + 2 * warp;
-    const int64_t col0 = kPool ? tile.ow0 / 2 : tile.ow0;
-    for (int v = lane; v < pixels * (kBN / 8); v += 32) {
-      const int pixel = v / 8, chunk = v % 8;
-      const int64_t oh = row0 + pixel / kTileW, ow = col0 + pixel % kTileW;
-      const int64_t ch = n_block + 8 * chunk;
-      if (oh < out_h && ow < out_w && ch < p.k) {
-        *reinterpret_cast<uint4*>(y + ((tile.image * out_h + oh) * out_w + ow) * p.k + ch) =
-            *reinterpret_cast<const uint4*>(stage + pixel * kPitch + 8 * chunk);
+    // whole 16-byte chunks of 8 channels, 4 pixels x 8 chunks per warp store
+    const int row0 = kPool ? tile.oh0 / 2 + warp : tile.oh0 + 2 * warp;
+    const int col0 = kPool ? tile.ow0 / 2 : tile.ow0;
+    const int64_t out_base =
+        ((static_cast<int64_t>(tile.image) * out_h + row0) * out_w + col0) * p.k + n_block;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int j = 0; j < kCols / 4; ++j) {
+        const int col = first + 4 * j;
+        if (chunk_ok && row0 + r < out_h && col0 + col < out_w) {
+          *reinterpret_cast<uint4*>(y + out_base + (r * out_w + col) * p.k + 8 * chunk) =
+              *reinterpret_cast<const uint4*>(stage + (r * kCols + col) * kPitch + 8 * chunk);
+        }
       }
     }
     __syncwarp();  // the stage is rewritten by the next tile
   }
 }
 
-template <typename T, int kSteps>
-cudaError_t launch_steps(const ConvParams& p, cudaStream_t stream) {
+template <typename T, int kC>
+cudaError_t launch_channels(const ConvParams& p, cudaStream_t stream) {
   // conv output rows and columns the output needs (with the pool: 2 * out_h, 2 * out_w)
   const int64_t rows = p.pool ? 2 * p.out_h : p.h, cols = p.pool ? 2 * p.out_w : p.w;
   const int64_t tiles_h = ceil_div(rows, kTileH), tiles_w = ceil_div(cols, kTileW);
-  const int64_t num_tiles = p.n * tiles_h * tiles_w;
+  const int64_t num_tiles = p.n * tiles_h * tiles_w;  // below 2**31 (conv_narrow_supported)
   if (num_tiles == 0) return cudaSuccess;
-  auto kernel = p.pool ? conv_narrow_kernel<T, kSteps, true> : conv_narrow_kernel<T, kSteps, false>;
+  auto kernel = p.pool ? conv_narrow_kernel<T, kC, true> : conv_narrow_kernel<T, kC, false>;
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status == cudaSuccess) {
@@ -298,24 +317,31 @@ cudaError_t launch_steps(const ConvParams& p, cudaStream_t stream) {
   if (status != cudaSuccess) return status;
   const int64_t channel_blocks = ceil_div(p.k, kBN);
   // persistent: as many CTAs as fit on the GPU at once, over every channel block
-  const int64_t resident = std::max<int64_t>(1, static_cast<int64_t>(sms) * per_sm / channel_blocks);
+  const int64_t resident =
+      std::max<int64_t>(1, static_cast<int64_t>(sms) * per_sm / channel_blocks);
   const dim3 grid(static_cast<unsigned>(std::min(num_tiles, resident)),
                   static_cast<unsigned>(channel_blocks));
-  kernel<<<grid, kThreads, 0, stream>>>(p, tiles_h, tiles_w);
+  kernel<<<grid, kThreads, 0, stream>>>(p, static_cast<int>(tiles_h), static_cast<int>(tiles_w));
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_dtype(const ConvParams& p, cudaStream_t stream) {
-  switch (ceil_div(p.kdim, 16)) {
+  switch (p.c) {
     case 1:
-      return launch_steps<T, 1>(p, stream);
+      return launch_channels<T, 1>(p, stream);
     case 2:
-      return launch_steps<T, 2>(p, stream);
+      return launch_channels<T, 2>(p, stream);
     case 3:
-      return launch_steps<T, 3>(p, stream);
+      return launch_channels<T, 3>(p, stream);
+    case 4:
+      return launch_channels<T, 4>(p, stream);
+    case 5:
+      return launch_channels<T, 5>(p, stream);
+    case 6:
+      return launch_channels<T, 6>(p, stream);
     default:
-      return launch_steps<T, 4>(p, stream);
+      return launch_channels<T, 7>(p, stream);
   }
 }
 
@@ -325,6 +351,9 @@ bool conv_narrow_supported(const ConvParams& p, DType dtype) {
   if (dtype == DType::kFloat32 || p.r != 3 || p.c < 1 || p.c > kMaxChannels || p.k % 8 != 0) {
     return false;
   }
+  // the tile walk counts in 32 bits, and so do the input offsets inside a halo
+  const int64_t tiles = p.n * ceil_div(p.h, kTileH) * ceil_div(p.w, kTileW);
+  if (tiles >= (int64_t{1} << 31) || p.w * kHaloH * p.c >= (int64_t{1} << 31)) return false;
   // (p.weight is the caller's padded copy, 16-byte aligned by contract)
   const auto address = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
   return address(p.y) % 16 == 0 && address(p.x) % 2 == 0;
