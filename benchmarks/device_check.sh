@@ -145,6 +145,14 @@ for suite in layers layers-native-auto layers-first-alt layers-native-wgmma laye
         $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
     fi
 done
+# the performance bars these files meet or miss (vgg_kernels/bench/bars.py)
+BAR_FILES=()
+for suite in layers model layers-native-auto layers-native-wgmma layers-native-halo; do
+    [ -f "$OUT/$suite.json" ] && BAR_FILES+=("$OUT/$suite.json")
+done
+if [ ${#BAR_FILES[@]} -gt 0 ]; then
+    $PY -m vgg_kernels.bench bars "${BAR_FILES[@]}" | tee "$OUT/bars.txt"
+fi
 # exit status: 0 when every step did
 for s in "${STEPS[@]}"; do
     set -- $s

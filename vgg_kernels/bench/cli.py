@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from vgg_kernels.bench.bars import evaluate_bars, format_bars
 from vgg_kernels.bench.compare import compare_results, format_comparison
 from vgg_kernels.bench.environment import REPO_ROOT, collect_environment
 from vgg_kernels.bench.layers import format_layers, layer_specs, run_layers
@@ -149,6 +150,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check result files against the schema")
     validate.add_argument("files", nargs="+", metavar="RESULT.json")
+
+    bars = sub.add_parser("bars", help="the performance bars the result files meet or miss",
+                          description="Evaluate the project's performance bars (see "
+                                      "vgg_kernels/bench/bars.py) on result files. Exit 0: "
+                                      "every bar they evaluate is met; 1: one is missed; 2: "
+                                      "unreadable files or nothing to evaluate.")
+    bars.add_argument("files", nargs="+", metavar="RESULT.json")
 
     show = sub.add_parser("show", help="print the tables of result files")
     show.add_argument("files", nargs="+", metavar="RESULT.json")
@@ -387,6 +395,21 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bars(args: argparse.Namespace) -> int:
+    named = []
+    for name in args.files:
+        try:
+            named.append((name, load_result(name)))
+        except ResultFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    bars = evaluate_bars(named)
+    print(format_bars(bars))
+    if not bars:
+        return 2
+    return 0 if all(bar.met for bar in bars) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -394,4 +417,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("layers", "model", "all"):
         return _run(args, argv)
     return {"compare": _compare, "merge": _merge, "plot": _plot, "readme": _readme,
-            "validate": _validate, "show": _show}[args.command](args)
+            "validate": _validate, "show": _show, "bars": _bars}[args.command](args)
