@@ -226,8 +226,9 @@ InferKernel first_applying(std::initializer_list<InferKernel> order, const Infer
 // VGG_KERNELS_NATIVE_WGMMA=auto, as torch.backends.cudnn.benchmark does for cuDNN: the first
 // call per (device, shape, dtype, pool, switches) runs every kernel that applies once, then
 // three more times under CUDA events, and keeps the one with the shortest run; later calls run
-// the kept one. A call during CUDA graph capture cannot be timed: it runs the kernel the
-// default mode would, unless a choice is already kept.
+// the kept one. A kernel whose launch fails leaves the race with a warning. A call during CUDA
+// graph capture cannot be timed: it runs the kernel the default mode would, unless a choice is
+// already kept.
 struct TuneKey {
   int device;
   int64_t n, c, h, w, k;
@@ -301,7 +302,16 @@ InferKernel tuned_kernel(const InferCall& call, cudaStream_t stream) {
   for (const InferKernel kernel : {InferKernel::kWmma, InferKernel::kNarrow, InferKernel::kWgmma,
                                    InferKernel::kHalo, InferKernel::kHaloT}) {
     if (!applies(kernel, call, stream)) continue;
-    const float ms = time_runs(kernel, call, stream);
+    float ms;
+    try {
+      ms = time_runs(kernel, call, stream);
+    } catch (const c10::Error& error) {
+      // a kernel that cannot launch here (its error is not sticky: the context still works)
+      // leaves the race, with one warning that says why
+      TORCH_WARN("vgg_kernels: VGG_KERNELS_NATIVE_WGMMA=auto leaves out the ", kernel_name(kernel),
+                 " kernel, which failed: ", error.what_without_backtrace());
+      continue;
+    }
     if (ms < best_ms) {
       best_ms = ms;
       best = kernel;
