@@ -9,7 +9,7 @@
 # which is a no-op on a warm machine, and the benchmarks).
 #
 # Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_NATIVE_PREFLIGHT,
-# LIMIT_LAYERS, LIMIT_MODEL, LIMIT_NATIVE_AUTO, LIMIT_FIRST_ALT, LIMIT_NATIVE_WGMMA,
+# LIMIT_TRITON_PREFLIGHT, LIMIT_LAYERS, LIMIT_MODEL, LIMIT_NATIVE_AUTO, LIMIT_FIRST_ALT, LIMIT_NATIVE_WGMMA,
 # LIMIT_NATIVE_HALO, LIMIT_NATIVE_HALO_T seconds override the defaults) and logs to
 # $OUT/log.txt; a failing step does not stop the next.
 # $OUT/device_check.json records each step's status and time; the benchmark steps write their
@@ -47,6 +47,7 @@ step() {  # step NAME SECONDS COMMAND...
     local began=$SECONDS
     timeout "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
+    LAST_RC=$rc
     local took=$((SECONDS - began))
     STEPS+=("$name $rc $took")
     echo "=== $name: exit $rc after ${took}s" >>"$LOG"
@@ -82,31 +83,43 @@ fi
 # 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
 # torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
 # the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode, then the
-# opt-in and alternative kernels (most needed first: the step limits add up to 800 s, so a
+# opt-in and alternative kernels (most needed first: the step limits add up to 950 s, so a
 # call cut short loses the least; at c0bb73a on an H200 the first two took 67 and 108 s).
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 if [ "$PART" != tests ]; then
-# A faulting kernel leaves its process's CUDA context unusable, so a fault in the native
-# backend's default kernels would cost the Triton and baseline timings of the same run. They
-# run once first on every block (batch 2) in a process of their own; where that does not time
-# every block cleanly, the two main benchmarks leave native out.
-NATIVE=native,
-step native-preflight "${LIMIT_NATIVE_PREFLIGHT:-60}" $PY -m vgg_kernels.bench layers \
-    --config D --batch 2 --resolution 224 --dtype bf16 --backends native --no-compile \
-    --warmup 1 --repeats 2 --out "$OUT/native-preflight.json"
-if ! $PY - "$OUT/native-preflight.json" <<'EOF'
+# A faulting kernel leaves its process's CUDA context unusable, so a fault in a kernel that has
+# not run on hardware before would cost every timing of the same run. So the backends' default
+# kernels first run once on every block (batch 4) in processes of their own: where the native
+# backend does not time every block cleanly, the two main benchmarks leave it out; where Triton
+# does not, they run it without tensor descriptors (VGG_KERNELS_TRITON_TMA=0).
+preflight_ok() {  # preflight_ok FILE BACKEND: the backend timed every block, nothing skipped
+    $PY - "$1" "$2" <<'EOF'
 import json, sys
 try:
     suite = json.load(open(sys.argv[1]))["suites"]["layers"]
 except (OSError, ValueError, KeyError):
     sys.exit(1)
-native = [case for case in suite["cases"] if case["backend"] == "native"]
-sys.exit(0 if len(native) == len(suite["layers"]) and not suite["skipped"] else 1)
+cases = [case for case in suite["cases"] if case["backend"] == sys.argv[2]]
+sys.exit(0 if len(cases) == len(suite["layers"]) and not suite["skipped"] else 1)
 EOF
-then
+}
+PREFLIGHT=(--config D --batch 4 --resolution 224 --dtype bf16 --no-compile --warmup 1 --repeats 2)
+NATIVE=native,
+step native-preflight "${LIMIT_NATIVE_PREFLIGHT:-60}" $PY -m vgg_kernels.bench layers \
+    "${PREFLIGHT[@]}" --backends native --out "$OUT/native-preflight.json"
+# (a preflight cut short by its time limit, exit 124, proves nothing either way)
+if [ "$LAST_RC" != 124 ] && ! preflight_ok "$OUT/native-preflight.json" native; then
     NATIVE=
     echo "native-preflight: not every block ran cleanly; bench-layers and bench-model leave" \
         "the native backend out" | tee -a "$LOG"
+fi
+# (compiles every candidate Triton config of every block, which bench-layers then finds cached)
+step triton-preflight "${LIMIT_TRITON_PREFLIGHT:-150}" $PY -m vgg_kernels.bench layers \
+    "${PREFLIGHT[@]}" --backends triton --out "$OUT/triton-preflight.json"
+if [ "$LAST_RC" != 124 ] && ! preflight_ok "$OUT/triton-preflight.json" triton; then
+    export VGG_KERNELS_TRITON_TMA=0
+    echo "triton-preflight: not every block ran cleanly; the benchmarks run Triton with" \
+        "VGG_KERNELS_TRITON_TMA=0" | tee -a "$LOG"
 fi
 step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
     --backends "triton,${NATIVE}eager,compile" --compile-mode default \
