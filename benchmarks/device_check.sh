@@ -132,8 +132,8 @@ step bench-native-auto "${LIMIT_NATIVE_AUTO:-100}" env VGG_KERNELS_NATIVE_WGMMA=
     $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
     --time-limit $(( ${LIMIT_NATIVE_AUTO:-100} - 30 )) --out "$OUT/layers-native-auto.json"
 # the first block on the alternatives to what bench-layers timed: Triton on its unpadded 3
-# channels (the flattened pointer path, not the padded descriptor path), native on the WMMA
-# kernel (not the short-reduction kernel)
+# channels (row segments on the pointer path, not the padded descriptor path), native on the
+# WMMA kernel (not the short-reduction kernel)
 step bench-first-alt "${LIMIT_FIRST_ALT:-50}" env VGG_KERNELS_TRITON_PAD_CHANNELS=0 \
     VGG_KERNELS_NATIVE_NARROW=0 $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
     --backends triton,native,eager --no-compile --layers conv1_1 \

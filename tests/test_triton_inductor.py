@@ -60,8 +60,9 @@ def arguments(config, pool, channels):
     for prefix, tensor, dims in (("x", x, "nchw"), ("w", weight, "kcrs"), ("y", y, "nchw")):
         kwargs.update({f"stride_{prefix}{d}": s for d, s in zip(dims, tensor.stride())})
     flat = conv_bn_relu._flat_channels(x, weight)
-    kwargs.update(R=3, POOL=pool, FLAT_K=flat, EVEN_C=not flat, INPUT_PRECISION="ieee",
-                  UPCAST=False, TMA_OK=bool(config.kwargs["USE_TMA"]), **config.kwargs)
+    kwargs.update(R=3, POOL=pool, FLAT_K=flat, SEGMENTS=False, EVEN_C=not flat,
+                  INPUT_PRECISION="ieee", UPCAST=False, TMA_OK=bool(config.kwargs["USE_TMA"]),
+                  **config.kwargs)
     return kwargs
 
 

@@ -122,8 +122,10 @@ def test_persistent_pointer_path_matches_oracle(shape, block_k, poison_outputs, 
                                                 monkeypatch):
     """Programs looping over pointer tiles: with C=3 and BLOCK_K=32 the one-step flattened
     reduction that gathers the next tile ahead, else the plain loop. Every tile written once,
-    each right. (Channels left unpadded: the flattened reduction is what these tiles are for.)"""
+    each right. (Channels left unpadded and off row segments: the flattened reduction is what
+    these tiles are for; tests/test_triton_segments.py has the row segments.)"""
     monkeypatch.setenv("VGG_KERNELS_TRITON_PAD_CHANNELS", "0")
+    monkeypatch.setenv("VGG_KERNELS_TRITON_SEGMENTS", "0")
     n, c, k, h, w, r, pool = shape
     x, weight, scale, shift = _inputs(n, c, k, h, w, r, torch.float16, device)
     tile = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 1,
@@ -145,8 +147,8 @@ def test_descriptor_config_rejects_odd_tile_with_pool(device):
 
 def _eligible(x, weight, pool=False):
     k = weight.shape[0]
-    x, weight, _, _, y = conv_bn_relu._prepare(x, weight, torch.ones(k, device=x.device),
-                                               torch.zeros(k, device=x.device), pool)
+    x, weight, _, _, y, _ = conv_bn_relu._prepare(x, weight, torch.ones(k, device=x.device),
+                                                  torch.zeros(k, device=x.device), pool)
     return conv_bn_relu._tma_ok(x, weight, y, bool(conv_bn_relu._flat_channels(x, weight)))
 
 
@@ -251,7 +253,9 @@ def test_padded_channels_match_oracle(c, k, h, w, pool, dtype, tile, poison_outp
     x, weight, scale, shift = _inputs(2, c, k, h, w, 3, dtype, device)
     if tile == "default":
         x = x.contiguous()
-    x_prepared, weight_prepared, _, _, _ = conv_bn_relu._prepare(x, weight, scale, shift, pool)
+    x_prepared, weight_prepared, _, _, _, segments = conv_bn_relu._prepare(x, weight, scale,
+                                                                           shift, pool)
+    assert not segments
     assert x_prepared.shape[1] == weight_prepared.shape[1] == conv_bn_relu.PADDED_CHANNELS
     assert conv_bn_relu._flat_channels(x_prepared, weight_prepared) == 0
     if tile == "descriptor":

@@ -75,7 +75,7 @@ def git_commit() -> tuple[str | None, bool | None]:
 
 _SWITCHES = ("VGG_KERNELS_BACKEND", "VGG_KERNELS_NATIVE_WGMMA", "VGG_KERNELS_NATIVE_WGMMA_TILE",
              "VGG_KERNELS_NATIVE_NARROW", "VGG_KERNELS_TRITON_TMA",
-             "VGG_KERNELS_TRITON_PAD_CHANNELS")
+             "VGG_KERNELS_TRITON_PAD_CHANNELS", "VGG_KERNELS_TRITON_SEGMENTS")
 
 
 def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]:

@@ -48,16 +48,18 @@ class CodegenReport:
 
 
 def compile_config(config: triton.Config, *, dtype: str = "bf16", r: int = 3, pool: bool = False,
-                   flat_channels: int = 0, arch: int = 90):
+                   flat_channels: int = 0, segments: bool = False, arch: int = 90):
     """Compile the kernel for ``GPUTarget('cuda', arch, 32)`` with ``config`` (an entry of
-    ``_autotune_configs()``); ``flat_channels`` > 0 compiles the flattened reduction for that C."""
+    ``_autotune_configs()``); ``flat_channels`` > 0 compiles the flattened reduction for that C,
+    on row segments with ``segments``."""
     if interpreting():
         raise RuntimeError("ahead-of-time compiles need a process without TRITON_INTERPRET=1 "
                            "(its kernels are interpreter functions)")
     kernel = kernels.conv_bn_relu_fwd_kernel
     names = kernel.arg_names
     constexprs = {
-        "R": r, "POOL": pool, "FLAT_K": flat_channels, "EVEN_C": not flat_channels,
+        "R": r, "POOL": pool, "FLAT_K": flat_channels, "SEGMENTS": segments,
+        "EVEN_C": not flat_channels,
         "INPUT_PRECISION": "ieee", "UPCAST": False,
         "TMA_OK": bool(config.kwargs["USE_TMA"]), "stride_xc": 1, "stride_wc": 1, "stride_yc": 1,
         **config.kwargs,
@@ -128,13 +130,17 @@ def main() -> None:
         configs = [configs[int(i)] for i in args.select.split(",")]
     rows = []
     for config in configs:
+        # persistent pointer configs: the first layer's one-step reduction, on row segments
+        # where the step is wide enough for them (three rows of 16)
         flat = 3 if config.kwargs["PROGRAMS_PER_SM"] and not config.kwargs["USE_TMA"] else 0
-        row = {"config": describe_config(config.all_kwargs()), **config.kwargs,
-               "num_warps": config.num_warps,
+        segments = bool(flat) and config.kwargs["BLOCK_K"] >= 48
+        row = {"config": describe_config(config.all_kwargs()) + (" seg" if segments else ""),
+               **config.kwargs, "num_warps": config.num_warps,
                "num_stages": config.num_stages}
         try:
             row.update(asdict(report(compile_config(config, dtype=args.dtype, pool=args.pool,
-                                                    flat_channels=flat, arch=args.arch))))
+                                                    flat_channels=flat, segments=segments,
+                                                    arch=args.arch))))
         except Exception as error:  # a config this target cannot compile: say so, go on
             row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
         rows.append(row)

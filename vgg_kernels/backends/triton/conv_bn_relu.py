@@ -10,6 +10,11 @@ per config by the autotuner:
 - tensor descriptors (TMA; Hopper and newer, fp16/bf16, C and K multiples of 8): the M tile is a
   spatial block of one image (or of a few consecutive images, for small ones) loaded per tap
   through a 4-D descriptor whose out-of-bounds zero fill is the padding, in a persistent grid.
+
+3x3 layers with at most SEGMENT_MAX_CHANNELS input channels that the descriptor path does not
+take run the pointer path on row segments (``kernels._flat_gather``): a copy of the input padded
+to 4 channels and by the convolution's border, so each kernel row of a pixel is 16 contiguous
+elements that load as vectors, without masks.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ FLAT_REDUCTION_MAX_CHANNELS = 16
 # pipeline, for 16/3 times the (small) tensor-core work. VGG_KERNELS_TRITON_PAD_CHANNELS=0
 # keeps such layers on the flattened pointer path.
 PADDED_CHANNELS = 16
+# 3x3 layers with at most this many input channels that do not take the padded descriptor path
+# run on row segments (see the module docstring); VGG_KERNELS_TRITON_SEGMENTS=0 keeps them on
+# the flattened gather of 2-byte elements instead.
+SEGMENT_MAX_CHANNELS = 4
 
 
 # Pointer-gather configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most preferred first.
@@ -79,8 +88,12 @@ _TMA_CONFIG_SHAPES = [
 # vgg_kernels.backends.triton.codegen, sm_90a: 178-182 registers at 128x64 with 4 warps under
 # triton 3.6, 255 under 3.8; 128-168 at 64x64; up to 253 at 256x64 with 8 warps), so no program
 # waits for another to finish.
+# The 64-wide steps are for row segments (three kernel rows of 16 in one step, so the next
+# tile's loads can be issued ahead; 133 and 198 registers in sm_90a compiles under triton 3.8);
+# the flattened 27-long reduction prunes them.
 _FLAT_CONFIG_SHAPES = [
     (128, 64, 32, 4, 3, 2), (64, 64, 32, 4, 3, 3), (256, 64, 32, 8, 3, 1),
+    (64, 64, 64, 4, 3, 3), (128, 64, 64, 4, 3, 2),
 ]
 MAX_CONFIGS_PER_SHAPE = 8
 MAX_TMA_CONFIGS_PER_SHAPE = 4
@@ -148,11 +161,16 @@ def _prune_configs(configs, named_args, **kwargs):
 
     BLOCK_K at most the (padded) reduction; BLOCK_N at most K rounded up (no half-empty tiles)
     and, for K >= 256, at least 128 (narrow tiles re-read the input tile once per column block).
+    Persistent pointer tiles only where one step covers a flattened reduction (the first layer,
+    gathered or on row segments).
     Descriptor tiles: BLOCK_K divides C (a weight tile stays inside one tap), BLOCK_H and BLOCK_W
     at most the (padded) image, images per tile at most N, one swizzled row per load.
     """
     args = {**named_args, **kwargs}
-    reduction = args["C"] * (args["R"] ** 2 if args["FLAT_K"] else 1)
+    if args.get("SEGMENTS"):
+        reduction = args["R"] * 16
+    else:
+        reduction = args["C"] * (args["R"] ** 2 if args["FLAT_K"] else 1)
     k = triton.next_power_of_2(args["K"])
     element = args["x_ptr"].element_size()
     limit = _shared_memory_limit()
@@ -168,8 +186,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if config.num_stages * (bm * bk + bk * bn) * element + epilogue > limit:
             continue
         if not config.kwargs["USE_TMA"]:
-            if config.kwargs["PROGRAMS_PER_SM"] and not args["FLAT_K"]:
-                continue  # persistent pointer tiles are for the flattened reduction
+            if config.kwargs["PROGRAMS_PER_SM"] and (not args["FLAT_K"] or bk < reduction):
+                continue  # persistent pointer tiles are for one-step flattened reductions
             pointer.append(config)
             continue
         if not args.get("TMA_OK", False) or bk * element > _TMA_MAX_ROW_BYTES or args["C"] % bk:
@@ -202,7 +220,7 @@ def _kernel_for_launch():
             options["cache_results"] = True  # keep the tuned choice across processes
         _autotuned_kernel = triton.autotune(
             configs=_autotune_configs(),
-            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK"],
+            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK", "SEGMENTS"],
             prune_configs_by={"early_config_prune": _prune_configs},
             **options,
         )(conv_bn_relu_fwd_kernel)
@@ -290,6 +308,16 @@ def _pads_channels(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _descriptors_usable(x)
 
 
+def _segments(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this layer runs on row segments: 3x3, at most SEGMENT_MAX_CHANNELS input
+    channels, not on padded channels through descriptors, not switched off
+    (VGG_KERNELS_TRITON_SEGMENTS=0)."""
+    _, c, r, _ = weight.shape
+    if r != 3 or c > SEGMENT_MAX_CHANNELS or _pads_channels(x, weight):
+        return False
+    return os.environ.get("VGG_KERNELS_TRITON_SEGMENTS", "1") != "0"
+
+
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, flat: bool) -> bool:
     """Whether the tensor-descriptor path can run: not switched off (VGG_KERNELS_TRITON_TMA=0),
     fp16/bf16 on Hopper or newer (or the interpreter), a Triton with device-side descriptors,
@@ -361,9 +389,10 @@ def _flat_channels(x: torch.Tensor, weight: torch.Tensor) -> int:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-            pool: bool, y: torch.Tensor, launcher, config: dict | None = None) -> None:
+            pool: bool, y: torch.Tensor, launcher, config: dict | None = None,
+            segments: bool = False) -> None:
     """Launch over all of y; ``config`` (USE_TMA, BLOCK_*, num_warps, num_stages) bypasses
-    autotuning."""
+    autotuning. ``segments``: x is ``_segment_copy`` of the input (from ``_prepare``)."""
     n, c, h, w = x.shape
     k, r = weight.shape[0], weight.shape[-1]
     ho, wo = y.shape[2], y.shape[3]
@@ -371,11 +400,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     if max(c * h * w, k * h * w) >= 2**31:
         raise ValueError(f"x must have fewer than 2**31 elements per image (got C*H*W = "
                          f"{c * h * w}, K*H*W = {k * h * w})")
-    flat = _flat_channels(x, weight)
+    flat = weight.shape[1] if segments else _flat_channels(x, weight)
     interp = interpreting()
     tma_ok = _tma_ok(x, weight, y, bool(flat))
     meta = dict(
-        R=r, POOL=pool, FLAT_K=flat, EVEN_C=False,
+        R=r, POOL=pool, FLAT_K=flat, SEGMENTS=segments, EVEN_C=False,
         INPUT_PRECISION=_input_precision(x.dtype),
         UPCAST=interp and x.dtype == torch.bfloat16, TMA_OK=tma_ok,
     )
@@ -402,9 +431,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
                        * triton.cdiv(cols, meta_["BLOCK_W"]))
         else:
             m_tiles = triton.cdiv(m_total, meta_["BLOCK_M"] // 4 if pool else meta_["BLOCK_M"])
-        tiles = m_tiles * triton.cdiv(k, meta_["BLOCK_N"])
+        num_n = triton.cdiv(k, meta_["BLOCK_N"])
+        tiles = m_tiles * num_n
         if meta_["PROGRAMS_PER_SM"]:
-            return (max(1, min(tiles, sms * meta_["PROGRAMS_PER_SM"])),)
+            # a multiple of the column blocks: each program keeps one (and its weights)
+            programs = min(tiles, sms * meta_["PROGRAMS_PER_SM"])
+            return (max(num_n, programs - programs % num_n),)
         return (tiles,)
 
     launcher(kernel)[grid](
@@ -427,34 +459,49 @@ def _pad_channels(tensor: torch.Tensor) -> torch.Tensor:
     return nhwc.permute(0, 3, 1, 2)
 
 
+def _segment_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the row segments read it: channels_last, channels zero-padded to 4, one zero row
+    above and below, one zero column left and two right (``kernels._flat_gather``)."""
+    _, c, _, _ = x.shape
+    nhwc = torch.nn.functional.pad(x.permute(0, 2, 3, 1), (0, 4 - c, 1, 2, 1, 1)).contiguous()
+    return nhwc.permute(0, 3, 1, 2)
+
+
 def _prepare(x, weight, scale, shift, pool):
+    """Inputs in the kernel's layouts, the output to fill, and whether x is a row-segment copy."""
     weight = weight.to(x.dtype)
+    segments = _segments(x, weight)
     if weight.shape[1] < PADDED_CHANNELS and _pads_channels(x, weight):
         x, weight = _pad_channels(x), _pad_channels(weight)
+    elif segments:
+        ho, wo = (x.shape[2] // 2, x.shape[3] // 2) if pool else x.shape[2:]
+        x = _segment_copy(x)
+        weight = weight.contiguous(memory_format=torch.channels_last)
     else:
         x = x.contiguous(memory_format=torch.channels_last)
         weight = weight.contiguous(memory_format=torch.channels_last)
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
-    n, _, h, w = x.shape
-    ho, wo = (h // 2, w // 2) if pool else (h, w)
-    y = torch.empty((n, weight.shape[0], ho, wo), device=x.device, dtype=x.dtype,
+    if not segments:
+        h, w = x.shape[2:]
+        ho, wo = (h // 2, w // 2) if pool else (h, w)
+    y = torch.empty((x.shape[0], weight.shape[0], ho, wo), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
     if POISON_OUTPUTS:
         y.fill_(float("nan"))
-    return x, weight, scale, shift, y
+    return x, weight, scale, shift, y, segments
 
 
 def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list[triton.Config]:
     """The configs (at most 8) the autotuner times for these inputs on this GPU."""
     k = weight.shape[0]
-    x, weight, _, _, y = _prepare(x, weight, x.new_ones(k, dtype=torch.float32),
-                                  x.new_zeros(k, dtype=torch.float32), pool)
+    x, weight, _, _, y, segments = _prepare(x, weight, x.new_ones(k, dtype=torch.float32),
+                                            x.new_zeros(k, dtype=torch.float32), pool)
     _, c, h, w = x.shape
-    flat = _flat_channels(x, weight)
+    flat = weight.shape[1] if segments else _flat_channels(x, weight)
     args = {"x_ptr": x, "N": x.shape[0], "C": c, "K": k, "H": h, "W": w}
     return _prune_configs(_autotune_configs(), args, R=weight.shape[-1], FLAT_K=flat,
-                          TMA_OK=_tma_ok(x, weight, y, bool(flat)))
+                          SEGMENTS=segments, TMA_OK=_tma_ok(x, weight, y, bool(flat)))
 
 
 def _direct(kernel):
@@ -464,8 +511,8 @@ def _direct(kernel):
 def conv_bn_relu_infer_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              shift: torch.Tensor, pool: bool) -> torch.Tensor:
     """Launch the kernel directly (no torch.library op). Shapes as ``conv_bn_relu_infer``."""
-    x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
-    _launch(x, weight, scale, shift, pool, y, _direct)
+    x, weight, scale, shift, y, segments = _prepare(x, weight, scale, shift, pool)
+    _launch(x, weight, scale, shift, pool, y, _direct, segments=segments)
     return y
 
 
@@ -473,8 +520,8 @@ def conv_bn_relu_infer_with_config(x: torch.Tensor, weight: torch.Tensor, scale:
                                    shift: torch.Tensor, pool: bool, **config) -> torch.Tensor:
     """As ``conv_bn_relu_infer`` with one explicit config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     num_stages): for testing every autotune config and for tuning sweeps."""
-    x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
-    _launch(x, weight, scale, shift, pool, y, _direct, config)
+    x, weight, scale, shift, y, segments = _prepare(x, weight, scale, shift, pool)
+    _launch(x, weight, scale, shift, pool, y, _direct, config, segments)
     return y
 
 
@@ -489,10 +536,10 @@ def _register_op():
         @torch.library.triton_op(name, mutates_args=())
         def op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                pool: bool) -> torch.Tensor:
-            x, weight, scale, shift, y = _prepare(x, weight, scale, shift, pool)
+            x, weight, scale, shift, y, segments = _prepare(x, weight, scale, shift, pool)
             # interpreter functions launch as they are (older torch's wrap_triton rejects them)
             launcher = _direct if interpreting() else torch.library.wrap_triton
-            _launch(x, weight, scale, shift, pool, y, launcher)
+            _launch(x, weight, scale, shift, pool, y, launcher, segments=segments)
             return y
 
         return op

@@ -41,11 +41,26 @@ def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                 q0, R: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+                 q0, R: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """Columns q0 .. q0 + BLOCK_K of the flattened reduction, q = (r * R + s) * C + c with
-    C = FLAT_K a compile-time constant, so the split of q is constant per column."""
-    PAD: tl.constexpr = R // 2
+    C = FLAT_K a compile-time constant, so the split of q is constant per column.
+
+    SEGMENTS: x is a contiguous (N, H, W, 4) copy of the input, zero-padded to 4 channels, by
+    one row above and below, one column left and two right (H, W are its sizes). Kernel row r of
+    conv output pixel (oh, ow) is then the 16 contiguous elements of padded pixels ow .. ow + 3
+    in padded row oh + r: taps s = 0, 1, 2 and a fourth whose weights are zero. So q = 16 r +
+    4 s + c, the loads need no bounds masks, and each row's 16 elements (8-byte aligned) load
+    as wide vectors instead of one element at a time."""
     q = q0 + tl.arange(0, BLOCK_K)
+    if SEGMENTS:
+        r = q // 16
+        # 64-bit image offset, 32-bit offsets inside the image; every row starts 4-aligned
+        image = x_ptr + n * H * W * 4
+        start = tl.multiple_of(((oh[:, None] + r[None, :]) * W + ow[:, None]) * 4, [4, 4])
+        ptrs = image[:, None] + start + tl.max_contiguous(q % 16, 16)[None, :]
+        return tl.load(ptrs, mask=row_ok[:, None] & (r < R)[None, :], other=0.0)
+    PAD: tl.constexpr = R // 2
     q_ok = q < R * R * FLAT_K
     tap = q // FLAT_K
     c = q % FLAT_K
@@ -60,12 +75,21 @@ def _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh
 
 @triton.jit
 def _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, q0,
-                  R: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows q0 .. q0 + BLOCK_K of the flattened reduction of the weights, by output channel."""
+                  R: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Rows q0 .. q0 + BLOCK_K of the flattened reduction of the weights, by output channel
+    (with SEGMENTS, q = 16 r + 4 s + c, zero where s or c is padding)."""
     q = q0 + tl.arange(0, BLOCK_K)
-    q_ok = q < R * R * FLAT_K
-    tap = q // FLAT_K
-    offsets = (q % FLAT_K) * stride_wc + (tap // R) * stride_wr + (tap % R) * stride_ws
+    if SEGMENTS:
+        r = q // 16
+        s = (q % 16) // 4
+        c = q % 4
+        q_ok = (r < R) & (s < R) & (c < FLAT_K)
+        offsets = c * stride_wc + r * stride_wr + s * stride_ws
+    else:
+        q_ok = q < R * R * FLAT_K
+        tap = q // FLAT_K
+        offsets = (q % FLAT_K) * stride_wc + (tap // R) * stride_wr + (tap % R) * stride_ws
     w_col = w_ptr + cols.to(tl.int64) * stride_wk
     return tl.load(w_col[None, :] + offsets[:, None], mask=q_ok[:, None] & col_ok[None, :],
                    other=0.0)
@@ -104,14 +128,14 @@ def _pointer_tile(
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_yn, stride_yc, stride_yh, stride_yw,
     pid_m, pid_n,
-    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
+    EVEN_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Tile ``pid_m`` of BLOCK_M rows (see ``_tile_rows``) by BLOCK_N output channels, loaded
     through masked pointer gathers. FLAT_K is 0 (one reduction step per tap and channel block)
-    or C, then a compile-time constant: the R*R*C reduction is flattened into BLOCK_K-wide
-    steps."""
+    or C, then a compile-time constant: the R*R*C reduction (R rows of 16 with SEGMENTS) is
+    flattened into BLOCK_K-wide steps."""
     PAD: tl.constexpr = R // 2
     n, oh, ow, row_ok = _tile_rows(pid_m, M_TOTAL, HO, WO, POOL, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,11 +143,12 @@ def _pointer_tile(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
-        for q0 in tl.static_range(0, R * R * FLAT_K, BLOCK_K):  # one step for C=3
+        REDUCTION: tl.constexpr = R * 16 if SEGMENTS else R * R * FLAT_K
+        for q0 in tl.static_range(0, REDUCTION, BLOCK_K):  # one step for C=3
             a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh,
-                             stride_xw, q0, R, FLAT_K, BLOCK_K)
+                             stride_xw, q0, R, FLAT_K, SEGMENTS, BLOCK_K)
             b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws,
-                              q0, R, FLAT_K, BLOCK_K)
+                              q0, R, FLAT_K, SEGMENTS, BLOCK_K)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -169,32 +194,34 @@ def _flat_persistent_tiles(
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_yn, stride_yc, stride_yh, stride_yw,
-    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr,
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Pointer tiles p, p + P, ... of a one-step flattened reduction (R*R*C <= BLOCK_K: the
-    3-channel first layer), with the next tile's input gather issued before this tile's
-    product and store, so its latency hides behind them (the gathers are 2-byte loads, which
-    cp.async cannot pipeline)."""
+    3-channel first layer; R*16 with SEGMENTS), with the next tile's input gather issued before
+    this tile's product and store, so its latency hides behind them (a one-step reduction
+    leaves the software pipeliner nothing to overlap inside a tile). The launcher makes P a
+    multiple of the number of column blocks, so a program's column block, and its weights,
+    never change: they are loaded once."""
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
     num_n = tl.cdiv(K, BLOCK_N)
     num_tiles = tl.cdiv(M_TOTAL, ROWS_OUT) * num_n
     step = tl.num_programs(0)
     first = tl.program_id(0)
+    cols = (first % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, 0,
+                      R, FLAT_K, SEGMENTS, BLOCK_K)
     n, oh, ow, row_ok = _tile_rows(first // num_n, M_TOTAL, HO, WO, POOL, BLOCK_M)
     a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
-                     0, R, FLAT_K, BLOCK_K)
+                     0, R, FLAT_K, SEGMENTS, BLOCK_K)
     for tile_id in range(first, num_tiles, step):
         # the next tile's rows (all masked past the last tile) and gather, issued first
         n2, oh2, ow2, ok2 = _tile_rows((tile_id + step) // num_n, M_TOTAL, HO, WO, POOL,
                                        BLOCK_M)
         a_next = _flat_gather(x_ptr, n2, oh2, ow2, ok2, H, W, stride_xn, stride_xc, stride_xh,
-                              stride_xw, 0, R, FLAT_K, BLOCK_K)
-        cols = (tile_id % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, 0,
-                          R, FLAT_K, BLOCK_K)
+                              stride_xw, 0, R, FLAT_K, SEGMENTS, BLOCK_K)
         if UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
         else:
@@ -299,8 +326,9 @@ def conv_bn_relu_fwd_kernel(
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_yn, stride_yc, stride_yh, stride_yw,
     # meta-parameters
-    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
+    R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
+    EVEN_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -311,6 +339,8 @@ def conv_bn_relu_fwd_kernel(
     x: (N, C, H, W) by strides (channels_last: stride_xc == 1); w: (K, C, R, R) by strides
     (channels_last: stride_wc == 1); scale, shift: fp32 (K,); y: (N, K, HO, WO) by strides.
     M_TOTAL counts output (pooled) pixels. Padding is R // 2 on every side.
+    SEGMENTS (with FLAT_K = C <= 4, R = 3): x is the row-segment copy ``_flat_gather``
+    describes, H and W its padded sizes.
     USE_TMA (only with TMA_OK: channels_last x, w and y with 16-byte aligned strides) loads
     BLOCK_H x BLOCK_W spatial tiles of BLOCK_M // (BLOCK_H * BLOCK_W) images through tensor
     descriptors; otherwise rows are gathered through masked pointers. PROGRAMS_PER_SM > 0 makes
@@ -330,12 +360,13 @@ def conv_bn_relu_fwd_kernel(
         # Programs that share an M tile run next to each other: the input tile is read from L2.
         # A persistent grid (PROGRAMS_PER_SM > 0) walks tiles p, p + P, ...; with a one-step
         # flattened reduction each program gathers the next tile's input ahead of time.
-        if PROGRAMS_PER_SM > 0 and FLAT_K and R * R * FLAT_K <= BLOCK_K:
+        REDUCTION: tl.constexpr = R * 16 if SEGMENTS else R * R * FLAT_K
+        if PROGRAMS_PER_SM > 0 and FLAT_K and REDUCTION <= BLOCK_K:
             _flat_persistent_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, H, W, K, HO, WO,
                                    M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
                                    stride_wk, stride_wc, stride_wr, stride_ws,
                                    stride_yn, stride_yc, stride_yh, stride_yw,
-                                   R, POOL, FLAT_K, INPUT_PRECISION, UPCAST,
+                                   R, POOL, FLAT_K, SEGMENTS, INPUT_PRECISION, UPCAST,
                                    BLOCK_M, BLOCK_N, BLOCK_K)
         elif PROGRAMS_PER_SM > 0:
             rows_out: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
@@ -345,13 +376,13 @@ def conv_bn_relu_fwd_kernel(
                               M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
                               stride_wk, stride_wc, stride_wr, stride_ws,
                               stride_yn, stride_yc, stride_yh, stride_yw,
-                              tile_id // num_n, tile_id % num_n, R, POOL, FLAT_K, EVEN_C,
-                              INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                              tile_id // num_n, tile_id % num_n, R, POOL, FLAT_K, SEGMENTS,
+                              EVEN_C, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             pid = tl.program_id(0)
             _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
                           stride_xn, stride_xc, stride_xh, stride_xw,
                           stride_wk, stride_wc, stride_wr, stride_ws,
                           stride_yn, stride_yc, stride_yh, stride_yw,
-                          pid // num_n, pid % num_n, R, POOL, FLAT_K, EVEN_C, INPUT_PRECISION,
-                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                          pid // num_n, pid % num_n, R, POOL, FLAT_K, SEGMENTS, EVEN_C,
+                          INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
