@@ -397,7 +397,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     k, r = weight.shape[0], weight.shape[-1]
     ho, wo = y.shape[2], y.shape[3]
     m_total = n * ho * wo
-    if max(c * h * w, k * h * w) >= 2**31:
+    if max(c * h * w, k * h * w, h * w + 256) >= 2**31:
         raise ValueError(f"x must have fewer than 2**31 elements per image (got C*H*W = "
                          f"{c * h * w}, K*H*W = {k * h * w})")
     flat = weight.shape[1] if segments else _flat_channels(x, weight)

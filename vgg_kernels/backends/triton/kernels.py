@@ -17,6 +17,19 @@ def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
 
 
 @triton.jit
+def _split_pixels(first, local, HO, WO):
+    """Image (int64), row and column of output pixels ``first + local`` in N, H, W order, for an
+    int64 scalar ``first`` and int32 offsets ``local`` below 256: one 64-bit division per tile
+    and 32-bit ones per pixel (the launcher keeps HO * WO + 256 below 2**31)."""
+    hw = HO * WO
+    image = first // hw
+    within = (first - image * hw).to(tl.int32) + local
+    carry = within // hw
+    rem = within - carry * hw
+    return image + carry, rem // WO, rem % WO
+
+
+@triton.jit
 def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
     """Conv output positions (image n as int64, oh, ow) and validity of pointer tile ``pid_m``'s
     BLOCK_M rows: output pixels in N, H, W order; with POOL, BLOCK_M // 4 pooled pixels, row
@@ -24,14 +37,12 @@ def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
     rows = tl.arange(0, BLOCK_M)
     if POOL:
-        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows % ROWS_OUT
+        local = rows % ROWS_OUT
     else:
-        out_pixel = pid_m.to(tl.int64) * ROWS_OUT + rows
-    row_ok = out_pixel < M_TOTAL
-    n = out_pixel // (HO * WO)
-    rem = (out_pixel % (HO * WO)).to(tl.int32)
-    oh = rem // WO
-    ow = rem % WO
+        local = rows
+    first = pid_m.to(tl.int64) * ROWS_OUT
+    row_ok = first + local < M_TOTAL
+    n, oh, ow = _split_pixels(first, local, HO, WO)
     if POOL:
         window = rows // ROWS_OUT
         oh = oh * 2 + window // 2
@@ -104,12 +115,10 @@ def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO,
     if POOL:
         # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
         acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
-        pixel = pid_m.to(tl.int64) * ROWS_OUT + tl.arange(0, ROWS_OUT)
-        pixel_ok = pixel < M_TOTAL
-        yn = pixel // (HO * WO)
-        yrem = (pixel % (HO * WO)).to(tl.int32)
-        yh = yrem // WO
-        yw = yrem % WO
+        first = pid_m.to(tl.int64) * ROWS_OUT
+        local = tl.arange(0, ROWS_OUT)
+        pixel_ok = first + local < M_TOTAL
+        yn, yh, yw = _split_pixels(first, local, HO, WO)
     else:
         pixel_ok = row_ok
         yn = n
