@@ -84,13 +84,12 @@ _TMA_CONFIG_SHAPES = [
 # Persistent pointer configs for the flattened reduction (the 3-channel first layer), same
 # fields as _CONFIG_SHAPES plus PROGRAMS_PER_SM: its one-step reduction leaves nothing to
 # pipeline inside a tile, so programs loop over tiles and gather the next tile ahead.
-# PROGRAMS_PER_SM is what fits in the 64K-register file (python -m
-# vgg_kernels.backends.triton.codegen, sm_90a: 178-182 registers at 128x64 with 4 warps under
-# triton 3.6, 255 under 3.8; 128-168 at 64x64; up to 253 at 256x64 with 8 warps), so no program
-# waits for another to finish.
+# PROGRAMS_PER_SM is what fits in the 64K-register file, so no program waits for another to
+# finish (python -m vgg_kernels.backends.triton.codegen, sm_90a, triton 3.8 / 3.6: 237 / 174
+# registers at 128x64 with 4 warps, 154 / 126 at 64x64, 237 / 177 at 256x64 with 8 warps).
 # The 64-wide steps are for row segments (three kernel rows of 16 in one step, so the next
-# tile's loads can be issued ahead; 133 and 198 registers in sm_90a compiles under triton 3.8);
-# the flattened 27-long reduction prunes them.
+# tile's loads can be issued ahead: 154 / 126 registers at 64x64, 213 / 211 at 128x64); the
+# flattened 27-long reduction prunes them.
 _FLAT_CONFIG_SHAPES = [
     (128, 64, 32, 4, 3, 2), (64, 64, 32, 4, 3, 3), (256, 64, 32, 8, 3, 1),
     (64, 64, 64, 4, 3, 3), (128, 64, 64, 4, 3, 2),

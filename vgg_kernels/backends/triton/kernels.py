@@ -17,23 +17,34 @@ def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
 
 
 @triton.jit
-def _split_pixels(first, local, HO, WO):
+def _split_pixels(first, local, HO, WO, SPLIT32: tl.constexpr):
     """Image (int64), row and column of output pixels ``first + local`` in N, H, W order, for an
-    int64 scalar ``first`` and int32 offsets ``local`` below 256: one 64-bit division per tile
-    and 32-bit ones per pixel (the launcher keeps HO * WO + 256 below 2**31)."""
+    int64 scalar ``first`` and int32 offsets ``local`` below 256. SPLIT32: one 64-bit division
+    per tile and 32-bit ones per pixel (the launcher keeps HO * WO + 256 below 2**31), for the
+    one-step row-segment tiles, where this is per-tile work that nothing amortizes; elsewhere a
+    64-bit division per pixel (a called subroutine), which needs fewer registers: the 32-bit
+    form made the gathered first-layer tiles spill."""
     hw = HO * WO
-    image = first // hw
-    within = (first - image * hw).to(tl.int32) + local
-    carry = within // hw
-    rem = within - carry * hw
-    return image + carry, rem // WO, rem % WO
+    if SPLIT32:
+        image = first // hw
+        within = (first - image * hw).to(tl.int32) + local
+        carry = within // hw
+        rem = within - carry * hw
+        n = image + carry
+    else:
+        pixel = first + local
+        n = pixel // hw
+        rem = (pixel % hw).to(tl.int32)
+    return n, rem // WO, rem % WO
 
 
 @triton.jit
-def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
+               SPLIT32: tl.constexpr):
     """Conv output positions (image n as int64, oh, ow) and validity of pointer tile ``pid_m``'s
     BLOCK_M rows: output pixels in N, H, W order; with POOL, BLOCK_M // 4 pooled pixels, row
-    group ``p = row // (BLOCK_M // 4)`` holding window position (p // 2, p % 2)."""
+    group ``p = row // (BLOCK_M // 4)`` holding window position (p // 2, p % 2). SPLIT32: see
+    ``_split_pixels``."""
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
     rows = tl.arange(0, BLOCK_M)
     if POOL:
@@ -42,7 +53,7 @@ def _tile_rows(pid_m, M_TOTAL, HO, WO, POOL: tl.constexpr, BLOCK_M: tl.constexpr
         local = rows
     first = pid_m.to(tl.int64) * ROWS_OUT
     row_ok = first + local < M_TOTAL
-    n, oh, ow = _split_pixels(first, local, HO, WO)
+    n, oh, ow = _split_pixels(first, local, HO, WO, SPLIT32)
     if POOL:
         window = rows // ROWS_OUT
         oh = oh * 2 + window // 2
@@ -109,7 +120,8 @@ def _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_w
 @triton.jit
 def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
                 stride_yn, stride_yc, stride_yh, stride_yw,
-                POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT32: tl.constexpr):
     """Store pointer tile ``pid_m`` (rows as in ``_tile_rows``), max-pooled first with POOL."""
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
     if POOL:
@@ -118,7 +130,7 @@ def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO,
         first = pid_m.to(tl.int64) * ROWS_OUT
         local = tl.arange(0, ROWS_OUT)
         pixel_ok = first + local < M_TOTAL
-        yn, yh, yw = _split_pixels(first, local, HO, WO)
+        yn, yh, yw = _split_pixels(first, local, HO, WO, SPLIT32)
     else:
         pixel_ok = row_ok
         yn = n
@@ -146,7 +158,7 @@ def _pointer_tile(
     or C, then a compile-time constant: the R*R*C reduction (R rows of 16 with SEGMENTS) is
     flattened into BLOCK_K-wide steps."""
     PAD: tl.constexpr = R // 2
-    n, oh, ow, row_ok = _tile_rows(pid_m, M_TOTAL, HO, WO, POOL, BLOCK_M)
+    n, oh, ow, row_ok = _tile_rows(pid_m, M_TOTAL, HO, WO, POOL, BLOCK_M, SEGMENTS)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < K
 
@@ -193,7 +205,7 @@ def _pointer_tile(
 
     acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
     _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
-                stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N)
+                stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N, SEGMENTS)
 
 
 @triton.jit
@@ -222,13 +234,13 @@ def _flat_persistent_tiles(
     col_ok = cols < K
     b = _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_ws, 0,
                       R, FLAT_K, SEGMENTS, BLOCK_K)
-    n, oh, ow, row_ok = _tile_rows(first // num_n, M_TOTAL, HO, WO, POOL, BLOCK_M)
+    n, oh, ow, row_ok = _tile_rows(first // num_n, M_TOTAL, HO, WO, POOL, BLOCK_M, SEGMENTS)
     a = _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh, stride_xw,
                      0, R, FLAT_K, SEGMENTS, BLOCK_K)
     for tile_id in range(first, num_tiles, step):
         # the next tile's rows (all masked past the last tile) and gather, issued first
         n2, oh2, ow2, ok2 = _tile_rows((tile_id + step) // num_n, M_TOTAL, HO, WO, POOL,
-                                       BLOCK_M)
+                                       BLOCK_M, SEGMENTS)
         a_next = _flat_gather(x_ptr, n2, oh2, ow2, ok2, H, W, stride_xn, stride_xc, stride_xh,
                               stride_xw, 0, R, FLAT_K, SEGMENTS, BLOCK_K)
         if UPCAST:
@@ -237,7 +249,8 @@ def _flat_persistent_tiles(
             acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
         acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
         _store_rows(acc, y_ptr, tile_id // num_n, n, oh, ow, row_ok, cols, col_ok, M_TOTAL,
-                    HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N)
+                    HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N,
+                    SEGMENTS)
         a = a_next
         n = n2
         oh = oh2
