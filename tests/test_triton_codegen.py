@@ -1,7 +1,9 @@
 """What the Triton kernel compiles to for an H100/H200 (sm_90a), checked without a GPU: the
 descriptor path keeps both wgmma operands in the TMA shared-memory tiles, fits shared memory and
-does not spill. A change that sends an operand through registers, or a config that no longer
-fits, fails here instead of only showing up as a slower benchmark on a lent GPU.
+does not spill; the first layer's persistent tiles do not spill, and on row segments load their
+input as vectors, never element by element. A change that sends an operand through registers, a
+config that no longer fits, or a gather that stops vectorizing fails here instead of only
+showing up as a slower benchmark on a lent GPU.
 
 The compiles run in a subprocess without TRITON_INTERPRET (the CPU tests set it, which turns the
 kernels into interpreter functions)."""
@@ -70,3 +72,31 @@ def test_descriptor_configs_fit_shared_memory(descriptor_rows):
     """The pruner's estimate keeps these configs; the compiled kernels must agree."""
     for row in descriptor_rows[False] + descriptor_rows[True]:
         assert row["shared_bytes"] <= H100_SHARED_MEMORY, row
+
+
+@pytest.fixture(scope="module")
+def first_layer_rows() -> list[dict]:
+    """Every persistent pointer config: the first layer's one-step tiles (codegen compiles the
+    64-wide ones on row segments, the others on the flattened gather)."""
+    configs = conv_bn_relu._autotune_configs(hopper=True)
+    persistent = [i for i, c in enumerate(configs)
+                  if c.kwargs["PROGRAMS_PER_SM"] and not c.kwargs["USE_TMA"]]
+    assert any(configs[i].kwargs["BLOCK_K"] == 64 for i in persistent)
+    return _compile(persistent, pool=False)
+
+
+def test_first_layer_tiles_do_not_spill(first_layer_rows):
+    for row in first_layer_rows:
+        assert row["spill_bytes"] in (0, None), row
+
+
+def test_row_segments_load_the_input_as_vectors(first_layer_rows):
+    """On row segments the only 2-byte loads are the weight tile's (loaded once per program);
+    the gathered tiles load their input 2 bytes at a time (the comparison shows the count
+    tells the two apart)."""
+    for row in first_layer_rows:
+        weights = row["BLOCK_K"] * row["BLOCK_N"] // (32 * row["num_warps"])
+        if row["config"].endswith(" seg"):
+            assert row["global_16bit_loads"] <= weights, row
+        else:
+            assert row["global_16bit_loads"] > weights, row

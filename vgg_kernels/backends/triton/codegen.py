@@ -45,6 +45,7 @@ class CodegenReport:
     cp_async: int  # cp.async instructions in the PTX
     wgmma: int  # warpgroup MMA ops in the TTGIR
     shared_to_register: int  # ttg.local_load ops: operands staged through registers
+    global_16bit_loads: int  # one-element 2-byte global loads in the PTX (gathers)
 
 
 def compile_config(config: triton.Config, *, dtype: str = "bf16", r: int = 3, pool: bool = False,
@@ -112,6 +113,8 @@ def report(compiled) -> CodegenReport:
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)),
         wgmma=ttgir.count("ttng.warp_group_dot "),
         shared_to_register=ttgir.count("ttg.local_load"),
+        global_16bit_loads=len(re.findall(r"ld\.global(?:\.(?!v\d)[a-z0-9:]+)*\.[bu]16\s",
+                                          ptx)),
     )
 
 
