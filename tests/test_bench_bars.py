@@ -41,6 +41,8 @@ def test_committed_h200_results_against_the_bars():
             if c["backend"] == "triton" and c["layer"] != "conv1_1"]
     assert peak.value == pytest.approx(min(wide)) and not peak.met
     assert "conv4_2 59%" in peak.detail and "conv4_3" not in peak.detail
+    # conv1_2: 236.8 GFLOP at the run's 795 TFLOP/s, against 514 MB at 4.2 TB/s
+    assert "conv1_2 33% (0.910 ms; floor 0.298 ms, FLOP-bound)" in peak.detail
     inference = {c["variant"]: c["images_per_s"] for c in model["suites"]["model"]["cases"]
                  if c["mode"] == "inference"}
     eager = bars["triton model inference over eager"]

@@ -13,7 +13,8 @@ Whole model (``model`` suite, eval-mode forward): Triton at least 1.5x the eager
 least 1.15x ``torch.compile(mode="max-autotune-no-cudagraphs")``.
 
 ``python -m vgg_kernels.bench bars FILE...`` prints one line per bar that the files can
-evaluate, with the measured value, the target and, where it is missed, by how much.
+evaluate, with the measured value, the target and, where it is missed, by how much (for the
+blocks below the peak bar, also their roofline floor and whether FLOPs or bytes set it).
 """
 
 from __future__ import annotations
@@ -58,10 +59,24 @@ def _switches(result: dict[str, Any]) -> str:
     return ", ".join(f"{name}={value}" for name, value in sorted(switches.items()))
 
 
-def _layer_bars(suite: dict[str, Any], label: str) -> list[Bar]:
+def _floor(layer: dict[str, Any], peak: dict[str, Any]) -> str:
+    """The block's roofline floor with the peaks measured in the same run: its FLOPs at the
+    matmul peak or its fewest bytes (input, weights and output once) at the copy bandwidth,
+    whichever takes longer."""
+    try:
+        compute = layer["flops"] / (peak["matmul"]["tflops"] * 1e12) * 1e3
+        memory = layer["bytes"] / (peak["bandwidth"]["gbps"] * 1e9) * 1e3
+    except (KeyError, TypeError, ZeroDivisionError):
+        return ""
+    bound = "FLOP" if compute >= memory else "byte"
+    return f"; floor {max(compute, memory):.3f} ms, {bound}-bound"
+
+
+def _layer_bars(suite: dict[str, Any], peak: dict[str, Any], label: str) -> list[Bar]:
     base = {case["layer"]: case["median_ms"] for case in suite["cases"]
             if case["backend"] == BASELINE}
-    channels = {layer["name"]: layer["in_channels"] for layer in suite.get("layers", [])}
+    layers = {layer["name"]: layer for layer in suite.get("layers", [])}
+    channels = {name: layer["in_channels"] for name, layer in layers.items()}
     bars = []
     for backend, target in (("triton", TRITON_GEOMEAN), ("native", NATIVE_GEOMEAN)):
         cases = [case for case in suite["cases"]
@@ -79,7 +94,8 @@ def _layer_bars(suite: dict[str, Any], label: str) -> list[Bar]:
         wide = [case for case in cases
                 if channels.get(case["layer"], 0) >= TRITON_PEAK_MIN_CHANNELS]
         if wide:
-            below = [f"{case['layer']} {case['pct_of_peak']:.0f}%" for case in wide
+            below = [f"{case['layer']} {case['pct_of_peak']:.0f}% ({case['median_ms']:.3f} ms"
+                     f"{_floor(layers.get(case['layer'], {}), peak)})" for case in wide
                      if case["pct_of_peak"] < TRITON_PEAK_PERCENT]
             lowest = min(case["pct_of_peak"] for case in wide)
             bars.append(Bar(f"triton blocks with C >= {TRITON_PEAK_MIN_CHANNELS}, lowest % of "
@@ -116,7 +132,7 @@ def evaluate_bars(named_results: list[tuple[str, dict[str, Any]]]) -> list[Bar]:
         label = f" [{switches}]" if switches else ""
         suites = result.get("suites", {})
         if "layers" in suites:
-            bars += _layer_bars(suites["layers"], label)
+            bars += _layer_bars(suites["layers"], result.get("peak", {}), label)
         if "model" in suites:
             bars += _model_bars(suites["model"], label)
     return bars
