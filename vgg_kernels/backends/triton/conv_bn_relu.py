@@ -470,10 +470,11 @@ def _prepare(x, weight, scale, shift, pool):
     """Inputs in the kernel's layouts, the output to fill, and whether x is a row-segment copy."""
     weight = weight.to(x.dtype)
     segments = _segments(x, weight)
+    h, w = x.shape[2:]  # before any copy: the segment copy is padded spatially
+    ho, wo = (h // 2, w // 2) if pool else (h, w)
     if weight.shape[1] < PADDED_CHANNELS and _pads_channels(x, weight):
         x, weight = _pad_channels(x), _pad_channels(weight)
     elif segments:
-        ho, wo = (x.shape[2] // 2, x.shape[3] // 2) if pool else x.shape[2:]
         x = _segment_copy(x)
         weight = weight.contiguous(memory_format=torch.channels_last)
     else:
@@ -481,9 +482,6 @@ def _prepare(x, weight, scale, shift, pool):
         weight = weight.contiguous(memory_format=torch.channels_last)
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
-    if not segments:
-        h, w = x.shape[2:]
-        ho, wo = (h // 2, w // 2) if pool else (h, w)
     y = torch.empty((x.shape[0], weight.shape[0], ho, wo), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
     if POISON_OUTPUTS:
