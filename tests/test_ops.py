@@ -107,12 +107,49 @@ def test_batch_of_zero_returns_empty():
     (lambda x, w: (x, w[0]), ValueError, "weight must be a 4-D tensor"),
     (lambda x, w: (x.to(torch.int32), w), TypeError, "floating-point"),
     (lambda x, w: (x.numpy(), w), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w: (x, w.to(torch.int32)), TypeError, "weight must be a floating-point tensor"),
+    (lambda x, w: (x[:, :0], w[:, :0]), ValueError, "x must have at least 1 channel"),
 ])
-def test_infer_rejects_bad_input(make, error, match):
+@pytest.mark.parametrize("backend", ["auto", "reference", "native", "triton"])
+def test_infer_rejects_bad_input(make, error, match, backend):
+    """Every backend, and the Triton op called directly (the interpreter crashed on C = 0)."""
     x, weight, scale, shift = _inputs(1, 3, 4, 6, 6, 3, torch.float32)
     bad_x, bad_w = make(x, weight)
     with pytest.raises(error, match=match):
-        ops.conv_bn_relu_infer(bad_x, bad_w, scale, shift)
+        ops.conv_bn_relu_infer(bad_x, bad_w, scale, shift, backend=backend)
+    if backend == "triton":
+        from vgg_kernels.backends.triton.conv_bn_relu import conv_bn_relu_infer_eager
+
+        with pytest.raises(error, match=match):
+            conv_bn_relu_infer_eager(bad_x, bad_w, scale, shift, False)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "native", "triton"])
+def test_infer_rejects_bad_channel_vectors_and_no_output_channels(backend):
+    x, weight, scale, shift = _inputs(1, 3, 4, 6, 6, 3, torch.float32)
+    with pytest.raises(TypeError, match="scale must be a floating-point tensor"):
+        ops.conv_bn_relu_infer(x, weight, scale.to(torch.int32), shift, backend=backend)
+    with pytest.raises(TypeError, match="shift must be a torch.Tensor"):
+        ops.conv_bn_relu_infer(x, weight, scale, None, backend=backend)
+    with pytest.raises(ValueError, match="weight must have at least 1 output channel"):
+        ops.conv_bn_relu_infer(x, weight[:0], scale[:0], shift[:0], backend=backend)
+
+
+@pytest.mark.parametrize("backend", _backends_here(torch.float32) + ["reference"])
+@pytest.mark.parametrize("shape", [(0, 3, 6, 6), (2, 3, 0, 5), (2, 3, 4, 0)],
+                         ids=["N0", "H0", "W0"])
+def test_infer_on_empty_input_returns_empty(shape, backend):
+    """No images, or images of no pixels: an empty output of the right shape on every backend
+    (torch's conv2d rejects the latter with a message about the kernel size)."""
+    _, weight, scale, shift = _inputs(1, 3, 4, 6, 6, 3, torch.float32)
+    y = ops.conv_bn_relu_infer(torch.randn(shape), weight, scale, shift, backend=backend)
+    assert y.shape == (shape[0], 4, shape[2], shape[3])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if backend == "triton":
+        from vgg_kernels.backends.triton.conv_bn_relu import conv_bn_relu_infer_eager
+
+        assert conv_bn_relu_infer_eager(torch.randn(shape), weight, scale, shift,
+                                        False).shape == y.shape
 
 
 def test_infer_rejects_bad_scale_and_backend():

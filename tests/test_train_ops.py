@@ -59,8 +59,12 @@ def test_decomposed_training_matches_batch_norm(pool, affine, with_bias, with_st
         assert ours["bias"].grad.abs().max() < 1e-9
 
 
-def test_training_needs_more_than_one_value_per_channel():
-    x = torch.randn(1, 3, 1, 1)
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 3, 0, 5)], ids=["one-value", "no-pixels"])
+def test_training_needs_more_than_one_value_per_channel(shape, backend):
+    """One value per channel, as F.batch_norm says; images of no pixels, which F.conv2d would
+    reject with a message about the kernel size."""
+    ones, zeros = torch.ones(4), torch.zeros(4)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        ops._train_on_backend(get_backend("reference"), x, torch.randn(4, 3, 1, 1), None, None,
-                              None, None, None, 0.1, 1e-5, False)
+        ops.conv_bn_relu_train(torch.randn(shape), torch.randn(4, 3, 3, 3), None, ones, zeros,
+                               zeros.clone(), ones.clone(), backend=backend)

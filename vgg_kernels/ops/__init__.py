@@ -21,6 +21,7 @@ __all__ = [
     "conv_bn_relu_train",
     "conv_bn_relu",
     "check_conv_inputs",
+    "check_infer_inputs",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,6 +52,12 @@ def check_conv_inputs(x: torch.Tensor, weight: torch.Tensor, pool: bool = False)
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must have {weight.shape[1]} channels to match weight "
                          f"(got {x.shape[1]})")
+    if x.shape[1] == 0:
+        raise ValueError("x must have at least 1 channel (got 0)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least 1 output channel (got 0)")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor (got {weight.dtype})")
     if x.device != weight.device:
         raise ValueError(f"weight must be on x's device {x.device} (got {weight.device})")
     if pool and x.shape[0] > 0 and (x.shape[2] < 2 or x.shape[3] < 2):
@@ -65,8 +72,20 @@ def _check_channel_vector(name: str, t: torch.Tensor | None, k: int, device: tor
         raise TypeError(f"{name} must be a torch.Tensor (got {type(t).__name__})")
     if t.dim() != 1 or t.shape[0] != k:
         raise ValueError(f"{name} must have shape ({k},) (got {tuple(t.shape)})")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (got {t.dtype})")
     if t.device != device:
         raise ValueError(f"{name} must be on x's device {device} (got {t.device})")
+
+
+def check_infer_inputs(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       shift: torch.Tensor, pool: bool = False) -> None:
+    """``check_conv_inputs`` plus fp (K,) ``scale`` and ``shift`` on ``x``'s device."""
+    check_conv_inputs(x, weight, pool)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            raise TypeError(f"{name} must be a torch.Tensor (got None)")
+        _check_channel_vector(name, t, weight.shape[0], x.device)
 
 
 def fold_bn(conv_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
@@ -126,13 +145,11 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         (N, K, H', W') channels_last tensor in ``x``'s dtype.
     """
     check_backend_name(backend)
-    check_conv_inputs(x, weight, pool)
+    check_infer_inputs(x, weight, scale, shift, pool)
     k = weight.shape[0]
-    _check_channel_vector("scale", scale, k, x.device)
-    _check_channel_vector("shift", shift, k, x.device)
-    if x.shape[0] == 0:
-        h, w = x.shape[2:]
-        shape = (0, k, h // 2, w // 2) if pool else (0, k, h, w)
+    if x.numel() == 0:  # no images, or images of no pixels: nothing to compute
+        n, _, h, w = x.shape
+        shape = (n, k, h // 2, w // 2) if pool else (n, k, h, w)
         return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
     impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_infer")
     if impl.name == "reference":
@@ -195,10 +212,6 @@ class _ConvBNReLUTrain(torch.autograd.Function):
 
 def _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                       momentum, eps, pool):
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    if count <= 1:
-        raise ValueError(f"x must hold more than 1 value per channel in training (got shape "
-                         f"{tuple(x.shape)})")
     return _ConvBNReLUTrain.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                   momentum, eps, pool, impl)
 
@@ -225,6 +238,11 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                     ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, k, x.device)
     if x.shape[0] > 0:
+        # as F.batch_norm in training, but also for images of no pixels, which F.conv2d rejects
+        # with a message about the kernel size
+        if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+            raise ValueError(f"x must hold more than 1 value per channel in training (got "
+                             f"shape {tuple(x.shape)})")
         impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_train")
         if impl.name != "reference":
             return _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean,

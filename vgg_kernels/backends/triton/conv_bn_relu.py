@@ -28,6 +28,7 @@ import triton.language as tl
 
 from vgg_kernels.backends.triton import interpreting
 from vgg_kernels.backends.triton.kernels import conv_bn_relu_fwd_kernel
+from vgg_kernels.ops import check_infer_inputs
 
 # Inputs with fewer channels than this use the flattened (R*S*C) reduction: the 3-channel first
 # layer becomes one 27-long reduction padded to 32, instead of 9 taps each padded to 16.
@@ -396,6 +397,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     k, r = weight.shape[0], weight.shape[-1]
     ho, wo = y.shape[2], y.shape[3]
     m_total = n * ho * wo
+    if m_total == 0:  # no images, or images of no (pooled) pixels: no tile to run
+        return
     if max(c * h * w, k * h * w, h * w + 256) >= 2**31:
         raise ValueError(f"x must have fewer than 2**31 elements per image (got C*H*W = "
                          f"{c * h * w}, K*H*W = {k * h * w})")
@@ -467,7 +470,12 @@ def _segment_copy(x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(x, weight, scale, shift, pool):
-    """Inputs in the kernel's layouts, the output to fill, and whether x is a row-segment copy."""
+    """Inputs (checked: the op can be called directly) in the kernel's layouts, the output to
+    fill, and whether x is a row-segment copy."""
+    check_infer_inputs(x, weight, scale, shift, pool)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16 for the Triton kernel (got "
+                        f"{x.dtype})")
     weight = weight.to(x.dtype)
     segments = _segments(x, weight)
     h, w = x.shape[2:]  # before any copy: the segment copy is padded spatially
