@@ -235,6 +235,10 @@ def test_batch_of_zero_returns_empty_logits():
     (torch.randn(1, 4, 32, 32), ValueError, "3 channels"),
     (torch.randn(1, 3, 16, 32), ValueError, "at least 32x32"),
     (torch.randint(0, 255, (1, 3, 32, 32)), TypeError, "floating-point"),
+    (torch.randn(1, 3, 32, 32, dtype=torch.float16), TypeError,
+     "x must be float32 like the model's parameters .got float16.; .* torch.autocast"),
+    (torch.randn(1, 3, 32, 32, device="meta"), ValueError,
+     "x must be on the model's device cpu .got meta."),
     ([[1.0]], TypeError, "torch.Tensor"),
 ])
 def test_model_rejects_bad_input(bad, error, match):

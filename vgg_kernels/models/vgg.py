@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vgg_kernels import ops
 from vgg_kernels.backends import check_backend_name
 from vgg_kernels.layers import FusedConvBNReLU
 
@@ -208,6 +209,17 @@ class FusedVGG(nn.Module):
                              f"{tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x must have {self.in_channels} channels (got {x.shape[1]})")
+        parameter = next(self.parameters(), None)
+        if parameter is not None:
+            if x.device != parameter.device:
+                raise ValueError(f"x must be on the model's device {parameter.device} (got "
+                                 f"{x.device})")
+            # under torch.autocast the convolutions and linear layers cast their operands
+            if x.dtype != parameter.dtype and ops.autocast_dtype(x.device) is None:
+                raise TypeError(f"x must be {str(parameter.dtype).replace('torch.', '')} like "
+                                f"the model's parameters (got "
+                                f"{str(x.dtype).replace('torch.', '')}); cast one of them, or "
+                                f"run the model under torch.autocast")
         least = 2 ** self.num_pools
         if x.shape[2] < least or x.shape[3] < least:
             raise ValueError(f"x must be at least {least}x{least} for config {self.config!r} "

@@ -88,6 +88,33 @@ def check_infer_inputs(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         _check_channel_vector(name, t, weight.shape[0], x.device)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives convolutions on ``device``'s type right now; None when
+    autocast is off there."""
+    kind = device.type
+    if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4
+        return None
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return None
+        return torch.get_autocast_dtype(kind)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+
+
+def _autocast_operands(x: torch.Tensor, weight: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight as ``F.conv2d`` sees them under ``torch.autocast``: float16/32 operands cast
+    to the autocast dtype (float64 ones are left alone, as autocast does). Scale, shift, the conv
+    bias and BN's parameters and statistics stay as they are: the kernels apply them in fp32."""
+    dtype = autocast_dtype(x.device)
+    if dtype is None:
+        return x, weight
+    cast = [t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+            for t in (x, weight)]
+    return cast[0], cast[1]
+
+
 def fold_bn(conv_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
             running_var: torch.Tensor | None, bn_weight: torch.Tensor | None,
             bn_bias: torch.Tensor | None, eps: float, out_channels: int,
@@ -146,6 +173,7 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     """
     check_backend_name(backend)
     check_infer_inputs(x, weight, scale, shift, pool)
+    x, weight = _autocast_operands(x, weight)
     k = weight.shape[0]
     if x.numel() == 0:  # no images, or images of no pixels: nothing to compute
         n, _, h, w = x.shape
@@ -237,6 +265,7 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, k, x.device)
+    x, weight = _autocast_operands(x, weight)
     if x.shape[0] > 0:
         # as F.batch_norm in training, but also for images of no pixels, which F.conv2d rejects
         # with a message about the kernel size
@@ -247,7 +276,8 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         if impl.name != "reference":
             return _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean,
                                      running_var, momentum, eps, pool)
-    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                 padding=weight.shape[-1] // 2)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training=True,
                      momentum=momentum, eps=eps)
     y = torch.relu(y)
