@@ -17,7 +17,9 @@ class FusedConvBNReLU(nn.Module):
     mode (or without BN) the block runs one fused inference kernel with BN folded into a scale and
     shift; in train mode it uses batch statistics and updates the running ones as
     ``nn.BatchNorm2d`` does (momentum, ``momentum=None`` for a cumulative average,
-    ``num_batches_tracked``, ``track_running_stats=False``, ``affine=False``).
+    ``num_batches_tracked``, ``track_running_stats=False``, ``affine=False``). After
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` the statistics in training are those of the
+    whole distributed batch, as with nn.SyncBatchNorm.
 
     Input (N, in_channels, H, W); output (N, out_channels, H', W') in channels_last memory, with
     H' = H // 2 when ``pool`` else H.
@@ -107,4 +109,18 @@ class FusedConvBNReLU(nn.Module):
         return ops.conv_bn_relu_train(
             x, conv.weight, conv.bias, bn.weight, bn.bias,
             bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
-            momentum=momentum, eps=bn.eps, pool=self.pool, backend=self.backend)
+            momentum=momentum, eps=bn.eps, pool=self.pool, backend=self.backend,
+            process_group=self._sync_group())
+
+    def _sync_group(self):
+        """The torch.distributed group whose batch statistics this block uses in training: its
+        ``bn`` made an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``) and
+        more than one process in the group, as nn.SyncBatchNorm decides; else None."""
+        if not (self.training and isinstance(self.bn, nn.SyncBatchNorm)):
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.bn.process_group if self.bn.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None

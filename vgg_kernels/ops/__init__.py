@@ -193,9 +193,12 @@ class _ConvBNReLUTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,  # type: ignore[override]
-                momentum, eps, pool, backend):
+                momentum, eps, pool, backend, group):
         z, total, total_sq = backend.conv_bn_stats(x, weight, bias)
         count = z.shape[0] * z.shape[2] * z.shape[3]
+        ctx.local_count = count
+        if group is not None:  # statistics of the whole batch, as nn.SyncBatchNorm does
+            total, total_sq, count = _all_reduce_sums(group, total, total_sq, count)
         stats_dtype = total.dtype
         mean = total / count
         var = (total_sq / count - mean * mean).clamp_min(0)
@@ -216,6 +219,7 @@ class _ConvBNReLUTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, z, mean, invstd, gamma, beta)
         ctx.pool, ctx.backend = pool, backend
         ctx.has_bias, ctx.affine = bias is not None, bn_weight is not None
+        ctx.group, ctx.count = group, count
         return y
 
     @staticmethod
@@ -225,6 +229,9 @@ class _ConvBNReLUTrain(torch.autograd.Function):
             grad_y.contiguous(memory_format=torch.channels_last), z, mean, invstd, gamma, beta,
             ctx.pool)
         needs = ctx.needs_input_grad
+        if ctx.group is not None and any(needs[:3]):
+            grad_z = _synchronised_grad_z(ctx.group, grad_z, z, mean, invstd, gamma, grad_gamma,
+                                          grad_beta, ctx.local_count, ctx.count)
         padding = weight.shape[-1] // 2
         grad_x = (torch.nn.grad.conv2d_input(x.shape, weight.to(z.dtype), grad_z, padding=padding)
                   if needs[0] else None)
@@ -235,25 +242,63 @@ class _ConvBNReLUTrain(torch.autograd.Function):
                      if ctx.has_bias and needs[2] else None)
         if not ctx.affine:
             grad_gamma = grad_beta = None
-        return grad_x, grad_w, grad_bias, grad_gamma, grad_beta, *([None] * 6)
+        return grad_x, grad_w, grad_bias, grad_gamma, grad_beta, *([None] * 7)
+
+
+def _all_reduce_sums(group, total: torch.Tensor, total_sq: torch.Tensor, count: int):
+    """Per-channel sums and the element count summed over the processes of ``group``, in one
+    all-reduce (the processes' batches may differ in size)."""
+    import torch.distributed as dist
+
+    packed = torch.cat([total, total_sq, total.new_full((1,), float(count))])
+    dist.all_reduce(packed, group=group)
+    k = total.shape[0]
+    return packed[:k], packed[k:2 * k], packed[2 * k]
+
+
+def _synchronised_grad_z(group, grad_z, z, mean, invstd, gamma, grad_gamma, grad_beta,
+                         local_count: int, count: torch.Tensor) -> torch.Tensor:
+    """``bn_relu_backward``'s grad_z uses this process's sums over its own ``local_count``
+    elements: ``gamma * invstd * (g - (sum g + xhat * sum g xhat) / n)``. With statistics over
+    the whole batch the sums and the count are the global ones; the difference is affine in z
+    per channel, ``a + b * z``, added here. grad_gamma and grad_beta stay this process's own, as
+    nn.SyncBatchNorm returns them (data parallelism then reduces them like any gradient)."""
+    import torch.distributed as dist
+
+    compute = mean.dtype
+    sums = torch.cat([grad_beta, grad_gamma]).to(compute)
+    local = sums / local_count
+    dist.all_reduce(sums, group=group)
+    k = mean.shape[0]
+    delta = local - sums / count  # (mean g, mean g xhat): local minus global
+    scale = gamma.to(compute) * invstd
+    b = scale * invstd * delta[k:]
+    a = scale * delta[:k] - b * mean
+    view = (1, -1, 1, 1)
+    corrected = grad_z.to(compute) + a.view(view) + b.view(view) * z.to(compute)
+    return corrected.to(grad_z.dtype).contiguous(memory_format=torch.channels_last)
 
 
 def _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                      momentum, eps, pool):
+                      momentum, eps, pool, group=None):
     return _ConvBNReLUTrain.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                  momentum, eps, pool, impl)
+                                  momentum, eps, pool, impl, group)
 
 
 def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
                        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
                        momentum: float = 0.1, eps: float = 1e-5, pool: bool = False,
-                       backend: str = "auto") -> torch.Tensor:
+                       backend: str = "auto", process_group=None) -> torch.Tensor:
     """Training block: conv, BatchNorm with batch statistics, ReLU, optional 2x2 max-pool.
 
     Semantics are ``nn.BatchNorm2d``'s in train mode: normalise with the biased batch variance;
     when ``running_mean``/``running_var`` are given, update them in place with ``momentum``
     (the unbiased variance goes into ``running_var``). Differentiable.
+
+    ``process_group`` (a ``torch.distributed`` group, every process of it calling this block):
+    the statistics are those of the batches of all its processes, and the backward reduces
+    across them too, as ``nn.SyncBatchNorm`` does.
 
     A backend with training kernels (op ``conv_bn_relu_train``: ``conv_bn_stats``,
     ``bn_relu_pool``, ``bn_relu_backward``) computes the statistics in the conv epilogue; the
@@ -266,6 +311,11 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                     ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, k, x.device)
     x, weight = _autocast_operands(x, weight)
+    if process_group is not None:
+        # every process takes part in the reductions, whatever its batch
+        impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_train")
+        return _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean,
+                                 running_var, momentum, eps, pool, process_group)
     if x.shape[0] > 0:
         # as F.batch_norm in training, but also for images of no pixels, which F.conv2d rejects
         # with a message about the kernel size
