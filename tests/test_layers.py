@@ -123,6 +123,21 @@ def test_eval_fold_is_cached_and_refreshed_after_updates():
     torch.testing.assert_close(second[1], expected.detach())
 
 
+def test_eval_after_writes_through_data_refreshes_the_fold():
+    """``.data`` writes leave torch's version counters alone; switching modes drops the cache."""
+    model = torch.nn.Sequential(FusedConvBNReLU(3, 4, backend="reference")).eval()
+    block = model[0]
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        model(x)
+        block.bn.running_mean.data.add_(1.0)
+        model.eval()
+        got = model(x)
+        block._folded = None
+        want = model(x)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train", "no_bn"])
 def test_functional_conv_bn_relu_matches_modules(mode):
     from vgg_kernels import ops

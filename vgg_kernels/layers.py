@@ -76,7 +76,10 @@ class FusedConvBNReLU(nn.Module):
 
         Cached while the parameters and statistics are unchanged (tensor versions and storage),
         so eval-mode inference launches only the fused kernel per block; recomputed, and
-        differentiable, when autograd needs it.
+        differentiable, when autograd needs it. Every change made through torch (in-place ops,
+        optimizer steps, ``load_state_dict``, ``.to()``) is seen. A write through ``.data``
+        (``bn.running_mean.data.copy_(...)``) bypasses torch's version counters: ``train()`` and
+        ``eval()`` drop the cache, so switching modes after such writes refreshes it.
         """
         inputs = self._fold_inputs()
         eps = self.bn.eps if self.bn is not None else 0.0
@@ -91,6 +94,10 @@ class FusedConvBNReLU(nn.Module):
             with torch.no_grad():
                 self._folded = (key, *ops.fold_bn(*inputs, eps, self.out_channels, device))
         return self._folded[1], self._folded[2]
+
+    def train(self, mode: bool = True) -> FusedConvBNReLU:
+        self._folded = None  # see folded_scale_shift
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv, self.bn
