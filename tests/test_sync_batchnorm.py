@@ -1,6 +1,6 @@
-"""nn.SyncBatchNorm.convert_sync_batchnorm on the fused blocks (FusedVGG's): two CPU processes (gloo) with batches of
-different sizes give what one process gives on the whole batch: outputs, gradients summed over
-the processes, and running statistics."""
+"""nn.SyncBatchNorm.convert_sync_batchnorm on the fused blocks (FusedVGG's): two CPU processes
+(gloo) with batches of different sizes give what one process gives on the whole batch: outputs,
+gradients summed over the processes, and running statistics."""
 
 from __future__ import annotations
 
