@@ -267,7 +267,7 @@ def _synchronised_grad_z(group, grad_z, z, mean, invstd, gamma, grad_gamma, grad
 
     compute = mean.dtype
     sums = torch.cat([grad_beta, grad_gamma]).to(compute)
-    local = sums / local_count
+    local = sums / max(local_count, 1)  # a process with an empty batch contributes nothing
     dist.all_reduce(sums, group=group)
     k = mean.shape[0]
     delta = local - sums / count  # (mean g, mean g xhat): local minus global
