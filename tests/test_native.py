@@ -350,6 +350,42 @@ def test_compile_fullgraph_eval_through_native_registration(native_cpu):
     torch._dynamo.reset()
 
 
+def _opcheck_cases(device: torch.device, dtype: torch.dtype):
+    """Each registered op with inputs of an odd shape (pool on odd sizes, a conv bias)."""
+    x, weight, scale, shift = _conv_inputs(2, 5, 8, 7, 9, 3, dtype, device)
+    z, total, _ = torch.ops.vgg_kernels.conv_bn_stats(x, weight, shift)
+    grad_y = torch.randn(2, 8, 3, 4, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    mean, invstd = total / z[:, 0].numel(), torch.rand(8, device=device) + 0.5
+    return {
+        "conv_bn_relu_infer": (x, weight, scale, shift, True),
+        "conv_bn_stats": (x, weight, shift),
+        "bn_relu_pool": (z, scale, shift, True),
+        "bn_relu_backward": (grad_y, z, mean, invstd, scale, shift, True),
+    }
+
+
+def _opcheck(device: torch.device, dtype: torch.dtype, name: str) -> None:
+    args = _opcheck_cases(device, dtype)[name]
+    torch.library.opcheck(getattr(torch.ops.vgg_kernels, name).default, args)
+
+
+@pytest.mark.parametrize("name", ["conv_bn_relu_infer", "conv_bn_stats", "bn_relu_pool",
+                                  "bn_relu_backward"])
+def test_cpu_ops_pass_opcheck(name, native_cpu):
+    """torch.library.opcheck: outputs alias neither inputs nor each other, as the schemas say;
+    the fake kernels give the real outputs' shapes, dtypes and strides; AOT dispatch traces."""
+    _opcheck(CPU, torch.float32, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["conv_bn_relu_infer", "conv_bn_stats", "bn_relu_pool",
+                                  "bn_relu_backward"])
+def test_cuda_ops_pass_opcheck(name, dtype, native_cuda):
+    _opcheck(torch.device("cuda"), dtype, name)
+
+
 # -- CUDA kernels against cuDNN (run by benchmarks/device_native.sh) -----------------------------
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -195,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
   // batches then carry no fp32 summation drift.
   at::Tensor partial = at::zeros({at::get_num_threads(), 2, a.k}, x.options().dtype(at::kDouble));
   run_conv(prep, partial.data_ptr<double>());
-  const at::Tensor total = partial.sum(0).to(at::kFloat);
-  return {z, total[0].contiguous(), total[1].contiguous()};
+  // two tensors of their own: outputs of an op must not alias each other
+  const at::Tensor total = partial.sum(0);
+  return {z, total[0].to(at::kFloat), total[1].to(at::kFloat)};
 }
 
 at::Tensor bn_relu_pool(const at::Tensor& z_in, const at::Tensor& scale_in,
