@@ -513,6 +513,7 @@ def _direct(kernel):
     return kernel
 
 
+
 def conv_bn_relu_infer_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              shift: torch.Tensor, pool: bool) -> torch.Tensor:
     """Launch the kernel directly (no torch.library op). Shapes as ``conv_bn_relu_infer``."""
@@ -534,17 +535,19 @@ def _register_op():
     """Register ``vgg_kernels::triton_conv_bn_relu_infer`` so torch.compile traces the launch.
 
     ``triton_op`` + ``wrap_triton`` where torch has them (2.6+): Inductor sees the kernel itself.
-    Older torch: an opaque ``custom_op`` with a fake kernel.
+    Older torch, and the interpreter (whose kernels are Python functions that neither
+    ``wrap_triton`` nor tracing with fake tensors can run): an opaque ``custom_op`` with a fake
+    kernel.
     """
     name = "vgg_kernels::triton_conv_bn_relu_infer"
-    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+    if (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+            and not interpreting()):
         @torch.library.triton_op(name, mutates_args=())
         def op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                pool: bool) -> torch.Tensor:
             x, weight, scale, shift, y, segments = _prepare(x, weight, scale, shift, pool)
-            # interpreter functions launch as they are (older torch's wrap_triton rejects them)
-            launcher = _direct if interpreting() else torch.library.wrap_triton
-            _launch(x, weight, scale, shift, pool, y, launcher, segments=segments)
+            _launch(x, weight, scale, shift, pool, y, torch.library.wrap_triton,
+                    segments=segments)
             return y
 
         return op
@@ -558,8 +561,9 @@ def _register_op():
     def _(x, weight, scale, shift, pool):
         n, _, h, w = x.shape
         ho, wo = (h // 2, w // 2) if pool else (h, w)
-        return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(
-            memory_format=torch.channels_last)
+        # as _prepare allocates it: the strides of size-1 dimensions decide later views
+        return torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
 
     return op
 
