@@ -73,6 +73,17 @@ def assert_within_rule(actual: torch.Tensor, torch_result: torch.Tensor,
         f"{TOLERANCES[dtype]:.1e}; {error_report(actual, oracle)}")
 
 
+def is_bias_before_train_bn(model: torch.nn.Module, key: str) -> bool:
+    """Whether state_dict ``key`` of a torchvision-layout VGG is a conv bias followed by BN: in
+    training d loss / d bias is exactly 0 there, and both sides hold only rounding noise."""
+    parts = key.split(".")
+    if parts[0] != "features" or parts[-1] != "bias":
+        return False
+    index = int(parts[1])
+    return (isinstance(model.features[index], torch.nn.Conv2d)
+            and isinstance(model.features[index + 1], torch.nn.BatchNorm2d))
+
+
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MODEL_RTOL, error_report, relative_error
+from conftest import MODEL_RTOL, error_report, is_bias_before_train_bn, relative_error
 from torch import nn
 
 from vgg_kernels import CONFIGS, FusedConvBNReLU, FusedVGG, make_eager_vgg
@@ -172,7 +172,7 @@ def test_from_torchvision_matches_in_training(name):
         nn.functional.cross_entropy(out_fused, target).backward()
         fused_grads = _grads_by_torchvision_key(fused)
         for key, p in tv.named_parameters():
-            if _is_bias_before_train_bn(tv, key):
+            if is_bias_before_train_bn(tv, key):
                 # d loss / d conv bias is exactly 0 through train-mode BN: both are rounding noise
                 assert fused_grads[key].abs().max() < 1e-5 and p.grad.abs().max() < 1e-5, key
                 continue
@@ -187,15 +187,6 @@ def test_from_torchvision_matches_in_training(name):
             _assert_close(state_fused[key], value, f"after steps: {key}")
         else:
             assert torch.equal(state_fused[key], value), key
-
-
-def _is_bias_before_train_bn(model: nn.Module, key: str) -> bool:
-    parts = key.split(".")
-    if parts[0] != "features" or parts[-1] != "bias":
-        return False
-    index = int(parts[1])
-    return (isinstance(model.features[index], nn.Conv2d)
-            and isinstance(model.features[index + 1], nn.BatchNorm2d))
 
 
 def _grads_by_torchvision_key(model: FusedVGG) -> dict[str, torch.Tensor]:

@@ -95,8 +95,6 @@ def test_sync_batchnorm_over_two_processes_equals_one_process_on_the_whole_batch
             got = torch.cat([part["outputs"][step] for part in parts])
             assert relative_error(got, want) < bound, (backend, "output", step)
         for key, want in whole["grads"].items():
-            if relative_error(want, want.new_zeros(())) == 0:
-                continue
             got = sum(part["grads"][key] for part in parts)
             if key in whole["conv_bias_keys"]:
                 # d loss / d conv bias is 0 through train-mode BN: rounding noise on both sides
