@@ -130,7 +130,10 @@ def link_args() -> list[str]:
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
     """Flags for the host compiler ('cxx') and nvcc ('nvcc')."""
     defines = ["-DVGG_KERNELS_WITH_CUDA"] if with_cuda else []
-    args = {"cxx": ["-O3", *openmp_flags(), *defines]}
+    # -ffp-contract=off: the training ops' pre-activation z * scale + shift is a multiply and an
+    # add, rounded the same in the forward and the backward (their ReLU masks must agree); the
+    # conv kernels' FMAs are explicit intrinsics, which the flag leaves alone.
+    args = {"cxx": ["-O3", "-ffp-contract=off", *openmp_flags(), *defines]}
     if with_cuda:
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *defines,
                 *gencode_flags(cuda_archs())]

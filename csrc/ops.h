@@ -1,5 +1,17 @@
 // Device entry points behind the checked ops of vgg_kernels.cpp. Arguments arrive validated
-// (shapes, devices, dtypes); each implementation converts to channels_last itself.
+// (shapes, devices, dtypes); each implementation converts to channels_last itself. Semantics
+// (vgg_kernels/backends/__init__.py has the whole contract):
+//   conv_bn_relu_infer  y = maxpool2x2?(relu(conv(x, weight) * scale + shift)), NaN kept
+//   conv_bn_stats       z = conv(x, weight) + bias, and the batch mean and biased variance of
+//                       the fp32 z per channel (fp64 results), combined robustly (no
+//                       E[z^2] - E[z]^2)
+//   bn_relu_pool        y = maxpool2x2?(relu(pre)), pre = (z - mean) * scale + beta, with the
+//                       mean as hi + lo floats: ((z - hi) - lo) * scale + beta rounded op by op
+//                       (no FMA); scale = gamma * invstd
+//   bn_relu_backward    its backward with batch statistics: the mask and pool maxima from the
+//                       same pre as bn_relu_pool, xhat = (z - mean) * invstd, and
+//                       grad_z = scale * (g - (sum g + xhat * sum g xhat) / count), and
+//                       grad_bias = sum of grad_z per channel (the conv bias's gradient)
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,11 +27,11 @@ at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& scale, const at::Tensor& shift, bool pool);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                        bool pool);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& beta, bool pool);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool pool);
+    const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& beta, bool pool);
 // "avx512", "avx2" or "generic": the conv kernel variant the next call will use.
 std::string isa();
 }  // namespace cpu
@@ -30,11 +42,11 @@ at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& scale, const at::Tensor& shift, bool pool);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                        bool pool);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& beta, bool pool);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool pool);
+    const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& beta, bool pool);
 // The gencode targets this build carries, e.g. "sm_90a".
 std::string archs();
 // Whether the current device runs the Hopper wgmma inference kernel (VGG_KERNELS_NATIVE_WGMMA=1).

@@ -115,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
   const int64_t k = weight.size(0);
   if (bias.has_value()) check_channel_vector(*bias, "bias", k, x, "x");
   if (x.numel() == 0) {
-    return {empty_channels_last(output_shape(x, k, false), x), stats_zeros(k, x),
-            stats_zeros(k, x)};
+    const at::Tensor zeros = at::zeros({k}, x.options().dtype(at::kDouble));
+    return {empty_channels_last(output_shape(x, k, false), x), zeros, zeros.clone()};
   }
 #ifdef VGG_KERNELS_WITH_CUDA
   if (x.is_cuda()) return cuda::conv_bn_stats(x, weight, bias);
@@ -125,24 +125,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
   return cpu::conv_bn_stats(x, weight, bias);
 }
 
-at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                        bool pool) {
+at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& beta, bool pool) {
   check_activation(z, "z");
   const int64_t k = z.size(1);
+  check_channel_vector(mean, "mean", k, z, "z");
   check_channel_vector(scale, "scale", k, z, "z");
-  check_channel_vector(shift, "shift", k, z, "z");
+  check_channel_vector(beta, "beta", k, z, "z");
   check_pool_size(z, "z", pool);
   if (z.numel() == 0) return empty_channels_last(output_shape(z, k, pool), z);
 #ifdef VGG_KERNELS_WITH_CUDA
-  if (z.is_cuda()) return cuda::bn_relu_pool(z, scale, shift, pool);
+  if (z.is_cuda()) return cuda::bn_relu_pool(z, mean, scale, beta, pool);
 #endif
   TORCH_CHECK(z.is_cpu(), "z is a CUDA tensor but vgg_kernels._C was built without CUDA kernels");
-  return cpu::bn_relu_pool(z, scale, shift, pool);
+  return cpu::bn_relu_pool(z, mean, scale, beta, pool);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool pool) {
+    const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& beta, bool pool) {
   check_activation(z, "z");
   const int64_t k = z.size(1);
   check_pool_size(z, "z", pool);
@@ -154,18 +155,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   check_same_device(grad_y, "grad_y", z, "z");
   check_channel_vector(mean, "mean", k, z, "z");
   check_channel_vector(invstd, "invstd", k, z, "z");
-  check_channel_vector(gamma, "gamma", k, z, "z");
+  check_channel_vector(scale, "scale", k, z, "z");
   check_channel_vector(beta, "beta", k, z, "z");
   if (z.numel() == 0) {
-    return {empty_channels_last(z.sizes(), z), at::zeros({k}, gamma.options()),
-            at::zeros({k}, beta.options())};
+    return {empty_channels_last(z.sizes(), z), stats_zeros(k, z), stats_zeros(k, z),
+            stats_zeros(k, z)};
   }
   const at::Tensor grad = grad_y.to(z.scalar_type());
 #ifdef VGG_KERNELS_WITH_CUDA
-  if (z.is_cuda()) return cuda::bn_relu_backward(grad, z, mean, invstd, gamma, beta, pool);
+  if (z.is_cuda()) return cuda::bn_relu_backward(grad, z, mean, invstd, scale, beta, pool);
 #endif
   TORCH_CHECK(z.is_cpu(), "z is a CUDA tensor but vgg_kernels._C was built without CUDA kernels");
-  return cpu::bn_relu_backward(grad, z, mean, invstd, gamma, beta, pool);
+  return cpu::bn_relu_backward(grad, z, mean, invstd, scale, beta, pool);
 }
 
 // "cpu=<isa> cuda=<archs>|none": what this build runs (vgg_kernels/backends/native.py reads it).
@@ -205,10 +206,11 @@ TORCH_LIBRARY(vgg_kernels, m) {
   m.def("conv_bn_relu_infer(Tensor x, Tensor weight, Tensor scale, Tensor shift, bool pool) "
         "-> Tensor");
   m.def("conv_bn_stats(Tensor x, Tensor weight, Tensor? bias) "
-        "-> (Tensor z, Tensor sum, Tensor sumsq)");
-  m.def("bn_relu_pool(Tensor z, Tensor scale, Tensor shift, bool pool) -> Tensor");
-  m.def("bn_relu_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor gamma, "
-        "Tensor beta, bool pool) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta)");
+        "-> (Tensor z, Tensor mean, Tensor var)");
+  m.def("bn_relu_pool(Tensor z, Tensor mean, Tensor scale, Tensor beta, bool pool) -> Tensor");
+  m.def("bn_relu_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
+        "Tensor beta, bool pool) "
+        "-> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta, Tensor grad_bias)");
   m.def("build_info() -> str", &vgg_kernels::build_info);
   m.def("cuda_wgmma_available() -> bool", &vgg_kernels::cuda_wgmma_available);
   m.def("cuda_last_infer_kernel() -> str", &vgg_kernels::cuda_last_infer_kernel);

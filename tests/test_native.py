@@ -25,6 +25,7 @@ from vgg_kernels import FusedConvBNReLU, FusedVGG, ops
 from vgg_kernels import backends as registry
 from vgg_kernels.backends import native
 from vgg_kernels.backends.reference import (
+    bn_pre_reference,
     bn_relu_backward_reference,
     bn_relu_pool_reference,
     conv_bn_relu_infer_reference,
@@ -156,12 +157,12 @@ def test_cpu_conv_bn_stats_matches_oracle(shape, with_bias, algorithm, native_cp
     n, c, k, h, w, r, _ = shape
     x, weight, _, _ = _conv_inputs(n, c, k, h, w, r)
     bias = torch.randn(k) if with_bias else None
-    z, total, total_sq = native_cpu.conv_bn_stats(x, weight, bias)
+    z, mean, var = native_cpu.conv_bn_stats(x, weight, bias)
     assert z.is_contiguous(memory_format=torch.channels_last)
-    assert total.dtype == total_sq.dtype == torch.float32
+    assert mean.dtype == var.dtype == torch.float64
     oracle = conv_bn_stats_reference(*_f64(x, weight, bias))
     torch_result = conv_bn_stats_reference(x, weight, bias)
-    for got, want, ref in zip((z, total, total_sq), torch_result, oracle, strict=True):
+    for got, want, ref in zip((z, mean, var), torch_result, oracle, strict=True):
         assert_within_rule(got, want, ref, torch.float32)
 
 
@@ -172,15 +173,14 @@ def test_cpu_bn_relu_pool_and_backward_match_oracle(n, k, h, w, pool, native_cpu
     z = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last)
     mean, invstd, gamma, beta = _bn_inputs(k)
     scale = gamma * invstd
-    shift = beta - mean * scale
-    y = native_cpu.bn_relu_pool(z, scale, shift, pool)
+    y = native_cpu.bn_relu_pool(z, mean, scale, beta, pool)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_within_rule(y, bn_relu_pool_reference(z, scale, shift, pool),
-                       bn_relu_pool_reference(*_f64(z, scale, shift), pool), torch.float32)
+    assert_within_rule(y, bn_relu_pool_reference(z, mean, scale, beta, pool),
+                       bn_relu_pool_reference(*_f64(z, mean, scale, beta), pool), torch.float32)
     grad_y = torch.randn_like(y)
-    got = native_cpu.bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool)
-    want = bn_relu_backward_reference(grad_y, z, mean, invstd, gamma, beta, pool)
-    oracle = bn_relu_backward_reference(*_f64(grad_y, z, mean, invstd, gamma, beta), pool)
+    got = native_cpu.bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool)
+    want = bn_relu_backward_reference(grad_y, z, mean, invstd, scale, beta, pool)
+    oracle = bn_relu_backward_reference(*_f64(grad_y, z, mean, invstd, scale, beta), pool)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for g, t, o in zip(got, want, oracle, strict=True):
         assert_within_rule(g, t, o, torch.float32)
@@ -244,9 +244,10 @@ def test_cpu_fused_block_and_model_train_mode_match_reference(native_cpu):
     assert relative_error(out, out_twin) < 1e-5, error_report(out, out_twin)
     out.square().sum().backward()
     out_twin.square().sum().backward()
-    got = model.features[0].conv.weight.grad
-    want = twin_model.features[0].conv.weight.grad
-    assert relative_error(got, want) < 1e-4, error_report(got, want)
+    for index in (0, 4):  # the first conv, and one whose input is recomputed from a z
+        got = model.features[index].weight.grad
+        want = twin_model.features[index].weight.grad
+        assert relative_error(got, want) < 1e-4, error_report(got, want)
 
 
 # -- input checks --------------------------------------------------------------------------------
@@ -270,9 +271,11 @@ BAD_CALLS = {  # name -> (call on (x, weight, scale, shift) of a C=3, K=4, 6x6 p
                  "x must be at least 2x2"),
     "bias length": (lambda v, x, w, s, b: v.conv_bn_stats(x, w, torch.zeros(5)),
                     r"bias must have shape \(4,\)"),
-    "z 3-D": (lambda v, x, w, s, b: v.bn_relu_pool(x[0], s[:3], b[:3], False),
+    "z 3-D": (lambda v, x, w, s, b: v.bn_relu_pool(x[0], s[:3], s[:3], b[:3], False),
               "z must be a 4-D tensor"),
-    "bn scale length": (lambda v, x, w, s, b: v.bn_relu_pool(x, s, b, False),
+    "bn mean length": (lambda v, x, w, s, b: v.bn_relu_pool(x, s, s[:3], b[:3], False),
+                       r"mean must have shape \(3,\)"),
+    "bn scale length": (lambda v, x, w, s, b: v.bn_relu_pool(x, s[:3], s, b[:3], False),
                         r"scale must have shape \(3,\)"),
     "grad_y shape": (lambda v, x, w, s, b: v.bn_relu_backward(
         torch.zeros(1, 3, 6, 6), x, *(torch.ones(3),) * 4, True), "grad_y must have shape"),
@@ -353,14 +356,14 @@ def test_compile_fullgraph_eval_through_native_registration(native_cpu):
 def _opcheck_cases(device: torch.device, dtype: torch.dtype):
     """Each registered op with inputs of an odd shape (pool on odd sizes, a conv bias)."""
     x, weight, scale, shift = _conv_inputs(2, 5, 8, 7, 9, 3, dtype, device)
-    z, total, _ = torch.ops.vgg_kernels.conv_bn_stats(x, weight, shift)
+    z, mean, _ = torch.ops.vgg_kernels.conv_bn_stats(x, weight, shift)
     grad_y = torch.randn(2, 8, 3, 4, device=device).to(dtype).contiguous(
         memory_format=torch.channels_last)
-    mean, invstd = total / z[:, 0].numel(), torch.rand(8, device=device) + 0.5
+    invstd = torch.rand(8, device=device) + 0.5
     return {
         "conv_bn_relu_infer": (x, weight, scale, shift, True),
         "conv_bn_stats": (x, weight, shift),
-        "bn_relu_pool": (z, scale, shift, True),
+        "bn_relu_pool": (z, mean, scale, shift, True),
         "bn_relu_backward": (grad_y, z, mean, invstd, scale, shift, True),
     }
 
@@ -635,22 +638,27 @@ def test_cuda_infer_offsets_past_2_31_elements(native_cuda, poison_outputs, monk
 
 @pytest.mark.gpu
 def test_cuda_conv_bn_stats_offsets_past_2_31_elements(native_cuda, poison_outputs):
-    """The training forward's conv output and its per-channel sums past 2**31 elements."""
+    """The training forward's conv output and its per-channel statistics past 2**31 elements."""
     big, pair = _past_2_31_elements(64, 224, torch.bfloat16)
     _, weight, _, _ = _conv_inputs(1, 64, 64, 1, 1, 3, torch.bfloat16, torch.device("cuda"))
     bias = torch.randn(64, device="cuda") * 0.1
-    z, total, squares = native_cuda.conv_bn_stats(big, weight, bias)
-    copies = big.shape[0] - 1
+    z, mean, var = native_cuda.conv_bn_stats(big, weight, bias)
+    n = big.shape[0]
 
     def expected(x, w, b):
-        """z of the pair, and the sums over the batch: copies x image 0's, plus image 1's."""
-        z0, total0, squares0 = conv_bn_stats_reference(x[:1], w, b)
-        z1, total1, squares1 = conv_bn_stats_reference(x[1:], w, b)
-        return torch.cat([z0, z1]), copies * total0 + total1, copies * squares0 + squares1
+        """z of the pair, and the batch's mean and variance: n - 1 copies of image 0, then image
+        1, each image's statistics merged with Chan's formula (equal counts) in float64."""
+        z0, mean0, var0 = conv_bn_stats_reference(x[:1], w, b)
+        z1, mean1, var1 = conv_bn_stats_reference(x[1:], w, b)
+        mean0, var0, mean1, var1 = _f64(mean0, var0, mean1, var1)
+        merged = ((n - 1) * mean0 + mean1) / n
+        spread = (n - 1) * (var0 + (mean0 - merged).square()) + var1 + (mean1 - merged).square()
+        return torch.cat([z0, z1]), merged, spread / n
 
     oracle = expected(*_f64(pair, weight, bias))
     theirs = expected(pair, weight, bias)
-    for got, t, o in zip((z[[0, -1]], total, squares), theirs, oracle, strict=True):
+    assert mean.dtype == var.dtype == torch.float64
+    for got, t, o in zip((z[[0, -1]], mean, var), theirs, oracle, strict=True):
         assert_within_rule(got, t, o, torch.bfloat16)
     _assert_copies_agree(z)
 
@@ -865,12 +873,186 @@ def test_cuda_bn_relu_backward_matches_oracle(layer, dtype, native_cuda):
     z = torch.randn(GPU_BATCH, k, h, h, device=dev).to(dtype).contiguous(
         memory_format=torch.channels_last)
     mean, invstd, gamma, beta = _bn_inputs(k, dev)
+    scale = gamma * invstd  # as the forward computes it for bn_relu_pool
     out = h // 2 if pool else h
     grad_y = torch.randn(GPU_BATCH, k, out, out, device=dev).to(dtype).contiguous(
         memory_format=torch.channels_last)
-    got = native_cuda.bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool)
-    want = bn_relu_backward_reference(grad_y, z, mean, invstd, gamma, beta, pool)
-    oracle = bn_relu_backward_reference(*_f64(grad_y, z, mean, invstd, gamma, beta), pool)
+    got = native_cuda.bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool)
+    want = bn_relu_backward_reference(grad_y, z, mean, invstd, scale, beta, pool)
+    oracle = bn_relu_backward_reference(*_f64(grad_y, z, mean, invstd, scale, beta), pool)
     assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[1].dtype == got[2].dtype == torch.float32
     for g, t, o in zip(got, want, oracle, strict=True):
         assert_within_rule(g, t, o, dtype)
+
+
+# (VGG_KERNELS_NATIVE_WGMMA, VGG_KERNELS_NATIVE_NARROW, dtype, allow_tf32, C, R, the kernel
+# native.cuda_last_infer_kernel() must name or None for any): every CUDA inference kernel and
+# form of its epilogue. K = 24, a multiple of 8, is in every kernel's domain.
+NAN_KERNELS = [
+    ("0", "0", torch.float32, False, 16, 3, "wmma"),  # the CUDA-core fp32 kernel
+    ("0", "0", torch.float32, True, 16, 3, "wmma"),  # WMMA in tf32
+    ("0", "0", torch.float16, False, 16, 3, "wmma"),
+    ("0", "0", torch.bfloat16, False, 3, 1, "wmma"),  # element-wise loads
+    ("0", "1", torch.bfloat16, False, 3, 3, "narrow"),
+    ("0", "1", torch.float16, False, 7, 3, "narrow"),
+    ("1", "1", torch.bfloat16, False, 64, 3, "wgmma"),
+    ("1", "1", torch.float16, False, 3, 3, "wgmma"),  # C padded to 8
+    ("1", "1", torch.bfloat16, False, 24, 1, "wgmma"),
+    ("halo", "1", torch.bfloat16, False, 128, 3, "halo"),
+    ("halo-t", "1", torch.float16, False, 128, 3, "halo-t"),
+    ("halo-t", "1", torch.bfloat16, False, 64, 3, "halo-t"),  # the persistent C == 64 form
+    ("auto", "1", torch.bfloat16, False, 64, 3, None),
+]
+NAN_KERNEL_IDS = [f"{m}-narrow{n}-{str(d)[6:]}-tf32{t}-C{c}R{r}"
+                  for m, n, d, t, c, r, _ in NAN_KERNELS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("where", ["x", "weight", "scale"])
+@pytest.mark.parametrize("mode, narrow, dtype, tf32, c, r, kernel", NAN_KERNELS,
+                         ids=NAN_KERNEL_IDS)
+def test_cuda_infer_keeps_nan(mode, narrow, dtype, tf32, c, r, kernel, where, pool, native_cuda,
+                              monkeypatch):
+    """A NaN in x, in the weight or in the scale gives NaN exactly where the float64 reference
+    (torch.relu, then nn.MaxPool2d) gives it, pooled and not, in every inference kernel: fmaxf
+    would turn relu(NaN) into 0 and drop a NaN from its window. The other outputs stay right."""
+    if mode not in ("0", "auto") and _wgmma_missing():
+        pytest.skip(_wgmma_missing())
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_WGMMA", mode)
+    monkeypatch.setenv("VGG_KERNELS_NATIVE_NARROW", narrow)
+    monkeypatch.delenv("VGG_KERNELS_NATIVE_WGMMA_TILE", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    k, h, w = 24, 9, 11
+    x, weight, scale, shift = _conv_inputs(2, c, k, h, w, r, dtype, torch.device("cuda"))
+    if where == "x":
+        x[0, c - 1, 4, 5] = float("nan")  # inside: every channel of the outputs around it
+        x[1, 0, 0, w - 1] = float("nan")  # a corner; with the pool, in a dropped column
+    elif where == "weight":
+        weight[5, c // 2, r // 2, r // 2] = float("nan")  # the centre tap: all of channel 5
+    else:
+        scale[17] = float("nan")
+    y = native_cuda.conv_bn_relu_infer(x, weight, scale, shift, pool)
+    if kernel is not None:
+        assert native.cuda_last_infer_kernel() == kernel
+    oracle = conv_bn_relu_infer_reference(*[t.cpu() for t in _f64(x, weight, scale, shift)],
+                                          pool)
+    nan = oracle.isnan()
+    assert nan.any() and not nan.all()
+    got = y.cpu()
+    assert torch.equal(got.isnan(), nan), (
+        f"NaN at {got.isnan().sum().item()} outputs, {(got.isnan() & nan).sum().item()} of "
+        f"the reference's {nan.sum().item()}")
+    # the other outputs, by the usual rule (NaN replaced by 0 on every side)
+    theirs = conv_bn_relu_infer_reference(x, weight, scale, shift, pool).cpu().masked_fill(nan, 0)
+    tf32_result = conv_bn_relu_infer_reference(
+        *[t.cpu() for t in _f64(_round_tf32(x), _round_tf32(weight), scale, shift)], pool)
+    oracle = oracle.masked_fill(nan, 0)
+    theirs = _torch_error_reference(dtype, theirs, tf32_result.float().masked_fill(nan, 0), oracle)
+    assert_within_rule(got.masked_fill(nan, 0), theirs, oracle, dtype)
+
+
+# (dtype, allow_tf32): conv_bn_stats on the CUDA-core fp32 kernel and on the WMMA kernel in tf32,
+# fp16 and bf16
+STATS_PATHS = [(torch.float32, False), (torch.float32, True), (torch.float16, False),
+               (torch.bfloat16, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mean, std", [(1e3, 1.0), (1e3, 0.01), (1e4, 1.0), (1e4, 0.01)])
+@pytest.mark.parametrize("case", ["identity", "bias"])
+@pytest.mark.parametrize("dtype, tf32", STATS_PATHS,
+                         ids=["fp32", "tf32", "fp16", "bf16"])
+def test_cuda_conv_bn_stats_far_from_zero(case, mean, std, dtype, tf32, native_cuda,
+                                          monkeypatch):
+    """Channels whose mean is 1e3 or 1e4 and whose spread is 1 or 0.01 keep their variance
+    (E[z^2] - E[z]^2 in fp32 loses it to cancellation): z = x through a 1x1 identity weight with
+    x = mean + std * noise, or a 3x3 conv of spread std plus a bias of about mean. Many row tiles,
+    the last one partial (n h w = 2697 rows)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    dev = torch.device("cuda")
+    n, h, w = 3, 29, 31
+    if case == "identity":
+        if dtype != torch.float32 or tf32:
+            pytest.skip("only fp32 holds x = mean + std * noise (fp16, bf16 and tf32 round "
+                        "most of the spread away, down to a variance of 0)")
+        c = k = 24
+        x = (mean + std * torch.randn(n, c, h, w, device=dev)).contiguous(
+            memory_format=torch.channels_last)
+        weight = torch.eye(c, device=dev).view(c, c, 1, 1)
+        bias = None
+    else:
+        c, k = 16, 24
+        x, weight, _, _ = _conv_inputs(n, c, k, h, w, 3, dtype, dev)
+        weight = (weight.float() * std).to(dtype)
+        bias = mean + torch.randn(k, device=dev)
+    got = native_cuda.conv_bn_stats(x, weight, bias)
+    assert got[1].dtype == got[2].dtype == torch.float64
+    oracle = conv_bn_stats_reference(*_f64(x, weight, bias))
+    theirs = conv_bn_stats_reference(x, weight, bias)
+    tf32_result = conv_bn_stats_reference(*_f64(_round_tf32(x), _round_tf32(weight), bias))
+    for g, t, t32, o in zip(got, theirs, tf32_result, oracle, strict=True):
+        assert_within_rule(g, _torch_error_reference(dtype, t, t32.float(), o), o, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("k", [24, 13], ids=["K24", "K13"])  # 16-byte vectors; one at a time
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_bn_relu_backward_mask_matches_forward(dtype, k, pool, native_cuda):
+    """bn_relu_backward's ReLU mask and pool argmax are bn_relu_pool's where pre = (z - mean) *
+    scale + beta is within rounding of 0: per channel, about half of z is one value whose pre
+    is 0 or one fp32 ulp either side of it as a subtraction of the mean (hi, then lo), a multiply
+    and an add round it (an FMA gives other signs), tied within the pool windows; the rest is 5%
+    or 10% away. The gradient must flow exactly where the reference's forward routes it, and
+    into exactly the windows whose output is positive."""
+    dev = torch.device("cuda")
+    n, h, w = 2, 7, 9
+    sign = torch.where(torch.rand(k) < 0.5, -1.0, 1.0)
+    center = ((1 + torch.rand(k)) * sign).to(dtype).float()  # per channel: z where pre ~ 0
+    # a float64 mean with low bits (the kernels take it as hi + lo), 0.7 center away from it
+    mean = center.double() * 0.3 + torch.rand(k, dtype=torch.float64) * 1e-6
+    hi = mean.float()
+    lo = (mean - hi.double()).float()
+    scale = (1.5 + torch.rand(k)) * sign[torch.randperm(k)]
+    # |((center - hi) - lo) * scale| >= 1: one ulp of it (2**-24 and up) is no fp16 underflow
+    product = ((center - hi) - lo) * scale
+    step = torch.randint(-1, 2, (k,))
+    target = torch.where(step > 0, torch.nextafter(product, product + 1),
+                         torch.where(step < 0, torch.nextafter(product, product - 1), product))
+    beta = -target  # pre = product + beta = product - target: 0 or one ulp, exactly
+    offset = torch.tensor([-0.1, -0.05, 0.05, 0.1])[torch.randint(0, 4, (n, k, h, w))]
+    offset = torch.where(torch.rand(n, k, h, w) < 0.5, 0.0, offset)
+    z = (center.view(1, -1, 1, 1) * (1 + offset)).to(dtype).to(dev).contiguous(
+        memory_format=torch.channels_last)  # exactly center where offset == 0
+    mean, hi, lo, scale, beta = (t.to(dev) for t in (mean, hi, lo, scale, beta))
+    invstd = torch.full((k,), 0.5, device=dev)
+
+    y = native_cuda.bn_relu_pool(z, mean, scale, beta, pool)
+    assert torch.equal(y, bn_relu_pool_reference(z, mean, scale, beta, pool))
+    grad_y = torch.ones_like(y)
+    grad_z, grad_gamma, grad_beta = native_cuda.bn_relu_backward(grad_y, z, mean, invstd, scale,
+                                                                 beta, pool)
+    # g (1 where the gradient flows, else 0) from grad_z = scale * (g - (sum g + xhat *
+    # sum g xhat) / count), to within grad_z's rounding
+    view = (1, -1, 1, 1)
+    xhat = ((z.float() - hi.view(view)) - lo.view(view)) * invstd.view(view)
+    g = (grad_z.float() / scale.view(view)
+         + (grad_beta.view(view) + xhat * grad_gamma.view(view)) / (n * h * w))
+    flows = g > 0.5
+
+    pre = bn_pre_reference(z, mean, scale, beta)
+    if pool:
+        activation = torch.relu(pre).to(dtype)
+        _, index = F.max_pool2d(activation, 2, return_indices=True)
+        routed = torch.zeros(n, k, h * w, device=dev).scatter_(2, index.flatten(2), 1.0)
+        expected = (routed.view(n, k, h, w) > 0) & (pre > 0)
+        assert torch.equal(F.max_pool2d(flows.float(), 2) > 0, y > 0)
+    else:
+        expected = pre > 0
+        assert torch.equal(flows, y > 0)
+    assert expected.any() and not expected.all()
+    assert torch.equal(flows, expected), (
+        f"{(flows != expected).sum().item()} of {expected.numel()} mask elements differ")
+    assert torch.equal(grad_beta, expected.sum((0, 2, 3)).float())

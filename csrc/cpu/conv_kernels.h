@@ -15,7 +15,8 @@ namespace vgg_kernels::cpu {
 enum class Epilogue : int {
   // y = maxpool2x2?(relu(acc * scale[k] + shift[k]))          (conv_bn_relu_infer)
   kScaleShiftReLU = 0,
-  // z = acc + bias[k]; store z; per-channel sum and sum of squares of z  (conv_bn_stats)
+  // z = acc + bias[k]; store z; per-channel count, mean and sum of squared deviations of z
+  // (conv_bn_stats)
   kBiasStats = 1,
 };
 
@@ -31,6 +32,9 @@ struct ConvArgs {
   // with x_h = h + 2 * (r / 2). Winograd: the unpadded NHWC input (x_h = h, x_w = w).
   const float* x;
   int64_t x_h, x_w;
+  // The weight as pack_direct / pack_winograd read it: (k, c, r, r) by element strides, any
+  // memory format (contiguous, as nn.Conv2d keeps it, or channels_last).
+  int64_t stride_wk, stride_wc, stride_wr, stride_ws;
   const float* packed_weight;  // from pack_direct / pack_winograd
   const float* scale;          // kScaleShiftReLU: scale; kBiasStats: unused
   const float* shift;          // kScaleShiftReLU: shift; kBiasStats: bias (may be null)
@@ -45,21 +49,40 @@ struct ConvPlan {
   int64_t panels;           // weight panels of panel_width output channels (K rounded up)
 };
 
-// Entry points of one instruction-set build. `sums` (kBiasStats only) points at this thread's
-// 2 * k doubles: sum, then sum of squares, accumulated across the items the thread runs.
+// Per-channel statistics of z (kBiasStats): a thread's 3 * k doubles, (count, mean, m2) per
+// channel in three rows of k, where m2 is the sum of squared deviations from the mean. A work
+// item sums z - z0 and (z - z0)^2 in fp32 around its first pixel's z0 (a value of the same
+// distribution: no cancellation however large the mean is against the spread) and merges its
+// (count, mean, m2) into the thread's with Chan's formula in fp64; the glue merges the threads'.
+// Never E[z^2] - E[z]^2 over many values.
+inline void merge_moments(double* count, double* mean, double* m2, double count_b,
+                          double mean_b, double m2_b) {
+  if (count_b == 0.0) return;
+  const double total = *count + count_b;
+  const double delta = mean_b - *mean;
+  *mean += delta * (count_b / total);
+  *m2 += m2_b + delta * delta * (*count * count_b / total);
+  *count = total;
+}
+
+// Entry points of one instruction-set build. `stats` (kBiasStats only) points at this thread's
+// 3 * k doubles (see merge_moments), merged into across the items the thread runs. A run
+// returns false when its input held a non-finite value that its algorithm cannot carry through
+// (Winograd's transforms turn one Inf into Inf - Inf = NaN where the convolution gives +-Inf):
+// its outputs are then wrong and the glue runs the direct algorithm instead. pack_winograd
+// returns false for a non-finite weight, for the same reason.
 struct KernelTable {
   const char* isa;     // "avx512", "avx2" or "generic"
   int64_t panel_width; // output channels per packed weight panel
   ConvPlan (*plan_direct)(const ConvArgs& args);
   ConvPlan (*plan_winograd)(const ConvArgs& args);
-  // Pack weight (KRSC: (k, r, r, c) contiguous, i.e. a channels_last (k, c, r, r) tensor) into
-  // panels [begin, end).
+  // Pack the weight (strides in args) into panels [begin, end).
   void (*pack_direct)(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
                       int64_t end);
-  void (*pack_winograd)(const ConvArgs& args, const float* weight, float* packed,
+  bool (*pack_winograd)(const ConvArgs& args, const float* weight, float* packed,
                         int64_t begin, int64_t end);
-  void (*run_direct)(const ConvArgs& args, int64_t item, float* scratch, double* sums);
-  void (*run_winograd)(const ConvArgs& args, int64_t item, float* scratch, double* sums);
+  bool (*run_direct)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
+  bool (*run_winograd)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
 };
 
 // nullptr where the build has no such variant (the AVX ones outside x86-64 GCC/Clang).

@@ -33,6 +33,9 @@ struct Vec {
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V select_nan(V a, V b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
 };
 
 constexpr int kRows = 6;

@@ -37,6 +37,9 @@ struct Vec {
   static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static inline V select_nan(V a, V b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), b, a);
+  }
 };
 
 constexpr int kRows = 6;

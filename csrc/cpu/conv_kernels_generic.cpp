@@ -30,6 +30,11 @@ struct Vec {
     for (int i = 0; i < kWidth; ++i) r[i] = a[i] > b[i] ? a[i] : b[i];
     return r;
   }
+  static inline V select_nan(V a, V b) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = a[i] != a[i] ? a[i] : b[i];
+    return r;
+  }
 };
 
 constexpr int kRows = 4;

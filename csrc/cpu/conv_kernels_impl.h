@@ -2,7 +2,8 @@
 // conv_kernels_{avx512,avx2,generic}.cpp inside `namespace vgg_kernels::cpu::<isa>` after they
 // define:
 //   struct Vec          one SIMD register of fp32: V, kWidth, zero, load, store, bcast,
-//                       fma(a, b, c) = a * b + c, add, sub, mul, max
+//                       fma(a, b, c) = a * b + c, add, sub, mul, max (b where either is NaN,
+//                       as x86 maxps), select_nan(a, b) (a where a is NaN, else b)
 //   kRows, kPanelVectors  the register tile: kRows output pixels x kPanelVectors vectors of
 //                       output channels (kPanelWidth = kPanelVectors * kWidth channels)
 // and after including <algorithm>, <cstdint>, <cstring>. No header may be included from here:
@@ -143,29 +144,67 @@ inline void gemm_rows(const float* a, int64_t rows, int64_t lda, const int64_t* 
 // ---------------------------------------------------------------------------------------------
 // Epilogue helpers on one vector of channels [kg, kg + kWidth), `count` of them valid.
 
+// Whether every lane of v is finite (x - x is 0 for finite x, NaN for an infinity or NaN).
+inline bool all_finite(V v) {
+  float lanes[Vec::kWidth];
+  Vec::store(lanes, Vec::sub(v, v));
+  bool finite = true;
+  for (int i = 0; i < Vec::kWidth; ++i) finite = finite && lanes[i] == 0.0f;
+  return finite;
+}
+
+// ReLU that keeps NaN, as torch.relu does: Vec::max returns its second operand when either is
+// NaN (x86 maxps), so the value goes second.
+inline V relu(V v) { return Vec::max(Vec::zero(), v); }
+
+// max(a, b) that is NaN when either is (nn.MaxPool2d's semantics).
+inline V max_nan(V a, V b) { return Vec::select_nan(a, Vec::max(a, b)); }
+
+inline V max4_nan(V a, V b, V c, V d) { return max_nan(max_nan(a, b), max_nan(c, d)); }
+
 inline V bn_relu(V acc, const ConvArgs& args, int64_t kg) {
-  return Vec::max(Vec::fma(acc, Vec::load(args.scale + kg), Vec::load(args.shift + kg)),
-                  Vec::zero());
+  return relu(Vec::fma(acc, Vec::load(args.scale + kg), Vec::load(args.shift + kg)));
 }
 
 inline V add_bias(V acc, const ConvArgs& args, int64_t kg) {
   return args.shift == nullptr ? acc : Vec::add(acc, Vec::load(args.shift + kg));
 }
 
-// Adds z and z * z to the item's fp32 partial sums (full vectors: lanes past k hold zeros from
-// the zero-padded weight panels and bias).
-inline void accumulate_stats(float* sum, float* sumsq, int64_t kk, V z) {
-  Vec::store(sum + kk, Vec::add(Vec::load(sum + kk), z));
-  Vec::store(sumsq + kk, Vec::fma(z, z, Vec::load(sumsq + kk)));
-}
+// An item's statistics: per channel of its chunk, z0 (its first pixel's z) and fp32 sums of
+// z - z0 and (z - z0)^2 over its pixels (see merge_moments). Full vectors: lanes past k hold
+// zeros from the zero-padded weight panels and bias.
+struct ItemStats {
+  float* shift;
+  float* sum;
+  float* sumsq;
+  int64_t count = 0;  // pixels added (the same for every channel of the item)
 
-inline void flush_stats(const ConvArgs& args, const float* sum, const float* sumsq, int64_t k0,
-                        int64_t count, double* sums) {
-  for (int64_t j = 0; j < count; ++j) {
-    sums[k0 + j] += sum[j];
-    sums[args.k + k0 + j] += sumsq[j];
+  ItemStats(float* scratch, int64_t kc)
+      : shift(scratch), sum(scratch + kc), sumsq(scratch + 2 * kc) {
+    std::fill(scratch, scratch + 3 * kc, 0.0f);
   }
-}
+
+  // z of one pixel, channels [kk, kk + kWidth) of the chunk; `first` on the item's first pixel.
+  void add(int64_t kk, V z, bool first) {
+    if (first) Vec::store(shift + kk, z);
+    const V d = Vec::sub(z, Vec::load(shift + kk));
+    Vec::store(sum + kk, Vec::add(Vec::load(sum + kk), d));
+    Vec::store(sumsq + kk, Vec::fma(d, d, Vec::load(sumsq + kk)));
+  }
+
+  // Merges channels [0, kvalid) into the thread's (count, mean, m2) rows at channel k0.
+  void flush(const ConvArgs& args, int64_t k0, int64_t kvalid, double* stats) const {
+    if (count == 0) return;
+    const double n = static_cast<double>(count);
+    for (int64_t j = 0; j < kvalid; ++j) {
+      const double s = sum[j];
+      const double m2 = std::max(static_cast<double>(sumsq[j]) - s * (s / n), 0.0);
+      const int64_t k = k0 + j;
+      merge_moments(stats + k, stats + args.k + k, stats + 2 * args.k + k, n, shift[j] + s / n,
+                    m2);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Direct algorithm. Work item = (image, row group, channel chunk); a row group is one output row,
@@ -190,17 +229,23 @@ ConvPlan plan_direct(const ConvArgs& args) {
   const int64_t chunk = g.chunk_panels * kPanelWidth;
   ConvPlan plan;
   plan.items = args.n * g.groups * g.chunks;
-  plan.scratch_floats = g.rows * g.cols * chunk + 2 * chunk;
+  plan.scratch_floats = g.rows * g.cols * chunk + 3 * chunk;
   plan.panels = panels_of(args);
   plan.packed_floats = plan.panels * args.r * args.r * args.c * kPanelWidth;
   return plan;
 }
 
-// Weights arrive as KRSC (channels_last (k, c, r, r) tensors: (k, tap, c) in memory). Packing
-// reads 16-channel runs of each filter row (one cache line) and writes whole panel rows.
+// Packing reads 16-channel runs of each filter tap and writes whole panel rows.
 constexpr int64_t kPackChannels = 16;
 
-// packed[p][tap][c][j] = weight[p * kPanelWidth + j][tap][c] (0 past k).
+// The weight of output channel k, input channel c, tap (r, s).
+inline float weight_at(const ConvArgs& args, const float* weight, int64_t k, int64_t c,
+                       int64_t r, int64_t s) {
+  return weight[k * args.stride_wk + c * args.stride_wc + r * args.stride_wr +
+                s * args.stride_ws];
+}
+
+// packed[p][tap][c][j] = weight[p * kPanelWidth + j][c][tap] (0 past k).
 void pack_direct(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
                  int64_t end) {
   const int64_t taps = static_cast<int64_t>(args.r) * args.r;
@@ -215,7 +260,8 @@ void pack_direct(const ConvArgs& args, const float* weight, float* packed, int64
           float* row = out + (tap * c_total + c) * kPanelWidth;
           for (int64_t j = 0; j < kPanelWidth; ++j) {
             const int64_t k = k0 + j;
-            row[j] = k < args.k ? weight[(k * taps + tap) * c_total + c] : 0.0f;
+            row[j] = k < args.k ? weight_at(args, weight, k, c, tap / args.r, tap % args.r)
+                                : 0.0f;
           }
         }
       }
@@ -223,7 +269,7 @@ void pack_direct(const ConvArgs& args, const float* weight, float* packed, int64
   }
 }
 
-void run_direct(const ConvArgs& args, int64_t item, float* scratch, double* sums) {
+bool run_direct(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
   const DirectGeometry g = direct_geometry(args);
   const int64_t chunk = item % g.chunks;
   const int64_t group = (item / g.chunks) % g.groups;
@@ -258,15 +304,14 @@ void run_direct(const ConvArgs& args, int64_t item, float* scratch, double* sums
       for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
         const int64_t kg = k0 + kk;
         const int64_t left = 2 * pw * kc + kk, right = left + kc;
-        const V m = Vec::max(
-            Vec::max(bn_relu(Vec::load(top + left), args, kg),
-                     bn_relu(Vec::load(top + right), args, kg)),
-            Vec::max(bn_relu(Vec::load(bottom + left), args, kg),
-                     bn_relu(Vec::load(bottom + right), args, kg)));
+        const V m = max4_nan(bn_relu(Vec::load(top + left), args, kg),
+                             bn_relu(Vec::load(top + right), args, kg),
+                             bn_relu(Vec::load(bottom + left), args, kg),
+                             bn_relu(Vec::load(bottom + right), args, kg));
         store_lanes(y + pw * args.k + kk, m, kvalid - kk);
       }
     }
-    return;
+    return true;
   }
   const int64_t h = group;
   float* y = args.y + ((n * args.out_h + h) * args.out_w) * args.k + k0;
@@ -277,19 +322,19 @@ void run_direct(const ConvArgs& args, int64_t item, float* scratch, double* sums
                     kvalid - kk);
       }
     }
-    return;
+    return true;
   }
-  float* sum = scratch + g.rows * g.cols * kc;
-  float* sumsq = sum + kc;
-  std::fill(sum, sum + 2 * kc, 0.0f);
+  ItemStats item_stats(scratch + g.rows * g.cols * kc, kc);
   for (int64_t w = 0; w < g.cols; ++w) {
     for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
       const V z = add_bias(Vec::load(scratch + w * kc + kk), args, k0 + kk);
       store_lanes(y + w * args.k + kk, z, kvalid - kk);
-      accumulate_stats(sum, sumsq, kk, z);
+      item_stats.add(kk, z, w == 0);
     }
   }
-  flush_stats(args, sum, sumsq, k0, kvalid, sums);
+  item_stats.count = g.cols;
+  item_stats.flush(args, k0, kvalid, stats);
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,7 +346,7 @@ void run_direct(const ConvArgs& args, int64_t item, float* scratch, double* sums
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
 //   A^T = [1 1 1 0; 0 1 -1 -1].
 // Transformed weights: packed[xi][p][c][j] (xi = 4 * row + column of the 4x4 tile).
-// Per item scratch: V [16][block_tiles][c], M [16][block_tiles][chunk], stats [2][chunk].
+// Per item scratch: V [16][block_tiles][c], M [16][block_tiles][chunk], stats [3][chunk].
 
 struct WinogradGeometry {
   int64_t tiles_h, tiles_w, tiles, block_tiles, blocks, chunk_panels, chunks;
@@ -328,14 +373,17 @@ ConvPlan plan_winograd(const ConvArgs& args) {
   const int64_t chunk = g.chunk_panels * kPanelWidth;
   ConvPlan plan;
   plan.items = g.blocks * g.chunks;
-  plan.scratch_floats = 16 * g.block_tiles * (args.c + chunk) + 2 * chunk;
+  plan.scratch_floats = 16 * g.block_tiles * (args.c + chunk) + 3 * chunk;
   plan.panels = panels_of(args);
   plan.packed_floats = 16 * plan.panels * args.c * kPanelWidth;
   return plan;
 }
 
-void pack_winograd(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
+bool pack_winograd(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
                    int64_t end) {
+  // The sum of every transformed weight is finite iff they all are (or it overflowed, which
+  // only sends the conv to the direct algorithm).
+  V check = Vec::zero();
   const int64_t c_total = args.c;
   const int64_t xi_stride = panels_of(args) * c_total * kPanelWidth;
   const V half = Vec::bcast(0.5f);
@@ -346,10 +394,10 @@ void pack_winograd(const ConvArgs& args, const float* weight, float* packed, int
       const int64_t cn = std::min(kPackChannels, c_total - c0);
       for (int64_t j = 0; j < kPanelWidth; ++j) {
         const bool valid = k0 + j < args.k;
-        const float* src = weight + (k0 + j) * 9 * c_total + c0;
         for (int tap = 0; tap < 9; ++tap) {
           for (int64_t cc = 0; cc < cn; ++cc) {
-            g[cc][tap][j] = valid ? src[tap * c_total + cc] : 0.0f;
+            g[cc][tap][j] =
+                valid ? weight_at(args, weight, k0 + j, c0 + cc, tap / 3, tap % 3) : 0.0f;
           }
         }
       }
@@ -374,11 +422,13 @@ void pack_winograd(const ConvArgs& args, const float* weight, float* packed, int
             Vec::store(out + (4 * row + 1) * xi_stride + j, u1);
             Vec::store(out + (4 * row + 2) * xi_stride + j, u2);
             Vec::store(out + (4 * row + 3) * xi_stride + j, u3);
+            check = Vec::add(check, Vec::add(Vec::add(u0, u1), Vec::add(u2, u3)));
           }
         }
       }
     }
   }
+  return all_finite(check);
 }
 
 // V = B^T d B on registers (any element type supporting + and -: vectors and scalars).
@@ -421,8 +471,12 @@ inline void input_transform_vec(V (&d)[4][4], V (&v)[16]) {
 }
 
 // Transforms tiles [t0, t0 + count) into vt[xi][i][c] (row stride c, xi stride block_tiles * c).
-void winograd_input(const ConvArgs& args, const WinogradGeometry& g, int64_t t0, int64_t count,
+// Returns whether every transformed value is finite, which holds iff every input value is: an
+// infinity gives +-inf or (Inf - Inf) NaN in some transformed value, never a finite one.
+bool winograd_input(const ConvArgs& args, const WinogradGeometry& g, int64_t t0, int64_t count,
                     float* vt) {
+  V check = Vec::zero();
+  float check_tail = 0.0f;
   const int64_t c = args.c;
   const int64_t xi_stride = g.block_tiles * c;
   const int64_t cv = c - c % Vec::kWidth;  // channels done with full vectors
@@ -455,7 +509,10 @@ void winograd_input(const ConvArgs& args, const WinogradGeometry& g, int64_t t0,
       V v[16];
       input_transform_vec(d, v);
 #pragma GCC unroll 16
-      for (int xi = 0; xi < 16; ++xi) Vec::store(out + xi * xi_stride + ch, v[xi]);
+      for (int xi = 0; xi < 16; ++xi) {
+        Vec::store(out + xi * xi_stride + ch, v[xi]);
+        check = Vec::add(check, v[xi]);
+      }
     }
     for (int64_t ch = cv; ch < c; ++ch) {
       float d[4][4];
@@ -466,9 +523,13 @@ void winograd_input(const ConvArgs& args, const WinogradGeometry& g, int64_t t0,
       }
       float v[16];
       input_transform(d, v);
-      for (int xi = 0; xi < 16; ++xi) out[xi * xi_stride + ch] = v[xi];
+      for (int xi = 0; xi < 16; ++xi) {
+        out[xi * xi_stride + ch] = v[xi];
+        check_tail += v[xi];
+      }
     }
   }
+  return all_finite(check) && check_tail - check_tail == 0.0f;
 }
 
 // Y = A^T m A: the 2x2 outputs of one tile, one vector of channels.
@@ -486,7 +547,7 @@ inline void output_transform(const V (&m)[16], V (&y)[2][2]) {
   }
 }
 
-void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* sums) {
+bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
   const WinogradGeometry g = winograd_geometry(args);
   const int64_t chunk = item % g.chunks;
   const int64_t block = item / g.chunks;
@@ -503,7 +564,7 @@ void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* su
   float* vt = scratch;
   const int64_t tiles = g.block_tiles;  // scratch row count
   float* mt = vt + 16 * tiles * c;
-  winograd_input(args, g, t0, count, vt);
+  if (!winograd_input(args, g, t0, count, vt)) return false;  // the glue runs direct instead
 
   const int64_t tap0 = 0;
   const int64_t panel_stride = c * kPanelWidth;
@@ -513,10 +574,8 @@ void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* su
               mt + xi * tiles * kc, kc);
   }
 
-  const bool stats = args.epilogue == Epilogue::kBiasStats;
-  float* sum = mt + 16 * tiles * kc;
-  float* sumsq = sum + kc;
-  if (stats) std::fill(sum, sum + 2 * kc, 0.0f);
+  const bool with_stats = args.epilogue == Epilogue::kBiasStats;
+  ItemStats item_stats(mt + 16 * tiles * kc, kc);
   const int64_t xi_stride = tiles * kc;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t t = t0 + i;
@@ -532,9 +591,9 @@ void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* su
       for (int xi = 0; xi < 16; ++xi) m[xi] = Vec::load(m_tile + xi * xi_stride + kk);
       V y[2][2];
       output_transform(m, y);
-      if (!stats && args.pool) {
-        const V best = Vec::max(Vec::max(bn_relu(y[0][0], args, kg), bn_relu(y[0][1], args, kg)),
-                                Vec::max(bn_relu(y[1][0], args, kg), bn_relu(y[1][1], args, kg)));
+      if (!with_stats && args.pool) {
+        const V best = max4_nan(bn_relu(y[0][0], args, kg), bn_relu(y[0][1], args, kg),
+                                bn_relu(y[1][0], args, kg), bn_relu(y[1][1], args, kg));
         store_lanes(args.y + ((n * args.out_h + ti) * args.out_w + tj) * args.k + kg, best, lanes);
         continue;
       }
@@ -545,10 +604,11 @@ void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* su
           const int64_t ow = 2 * tj + s;
           if (ow >= args.w) break;
           float* out = args.y + ((n * args.out_h + oh) * args.out_w + ow) * args.k + kg;
-          if (stats) {
+          if (with_stats) {
             const V z = add_bias(y[r][s], args, kg);
             store_lanes(out, z, lanes);
-            accumulate_stats(sum, sumsq, kk, z);
+            item_stats.add(kk, z, i == 0 && r == 0 && s == 0);
+            if (kk == 0) ++item_stats.count;
           } else {
             store_lanes(out, bn_relu(y[r][s], args, kg), lanes);
           }
@@ -556,7 +616,8 @@ void run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* su
       }
     }
   }
-  if (stats) flush_stats(args, sum, sumsq, k0, kvalid, sums);
+  if (with_stats) item_stats.flush(args, k0, kvalid, stats);
+  return true;
 }
 
 constexpr KernelTable make_table(const char* isa) {

@@ -1,14 +1,18 @@
 // Training-mode BN + ReLU (+ 2x2 max-pool) forward and backward over NHWC tensors.
 //
-// Forward: y = maxpool2x2?(relu(z * scale + shift)), one pass, 8 channels per thread where k
-// allows (16-byte loads).
+// Forward: y = maxpool2x2?(relu(pre)), pre = (z - mean) * scale + beta with scale = gamma *
+// invstd, one pass, 8 channels per thread where k allows (16-byte loads); NaN kept by the ReLU
+// and the pool, as in PyTorch.
 // Backward, one reduction pass and one elementwise pass (the reference's formula):
 //   g      = grad_y routed through the pool (to the first maximum of each 2x2 window in
 //            row-major order, as PyTorch's max-pool) and the ReLU mask (pre > 0);
-//   pass 1 = per-channel sum g (grad_beta) and sum g * xhat (grad_gamma), fp32;
-//   pass 2 = grad_z = gamma * invstd * (g - (sum g + xhat * sum g xhat) / count).
-// pre and the window's activations are computed exactly as the reference's unfused PyTorch ops
-// (mul then add, rounded to the storage type), so maxima and their ties are the reference's.
+//   pass 1 = per-channel sum g (grad_beta) and sum g * xhat (grad_gamma), xhat = (z - mean) *
+//            invstd, fp32 per block, fp64 across blocks;
+//   pass 2 = grad_z = scale * (g - (sum g + xhat * sum g xhat) / count).
+// The mean arrives as hi + lo floats (bn_centered in common.cuh). Forward and backward compute
+// pre with the one bn_pre of common.cuh (each op rounded, as the reference's unfused PyTorch
+// ops) and the window's activations as relu(pre) rounded to the storage type, so the backward's
+// mask and maxima (and their ties) are the forward's.
 #include "common.cuh"
 #include "launch.h"
 
@@ -39,8 +43,9 @@ __global__ void bn_relu_pool_kernel(const BnReluParams p) {
       }
 #pragma unroll
       for (int t = 0; t < kVec; ++t) {
-        out[t] = Convert<T>::to_float(Convert<T>::from_float(
-            bn_relu_unfused(Convert<T>::to_float(in[t]), p.scale[k0 + t], p.shift[k0 + t])));
+        out[t] = Convert<T>::to_float(Convert<T>::from_float(relu_nan(
+            bn_pre(Convert<T>::to_float(in[t]), p.mean_hi[k0 + t], p.mean_lo[k0 + t],
+                   p.scale[k0 + t], p.beta[k0 + t]))));
       }
     } else {
       const int64_t pw = pixel % p.out_w;
@@ -49,7 +54,7 @@ __global__ void bn_relu_pool_kernel(const BnReluParams p) {
       const int64_t corner = ((n * p.h + 2 * ph) * p.w + 2 * pw) * p.k + k0;
       const int64_t offsets[4] = {0, p.k, p.w * p.k, p.w * p.k + p.k};
 #pragma unroll
-      for (int t = 0; t < kVec; ++t) out[t] = 0.0f;
+      for (int t = 0; t < kVec; ++t) out[t] = 0.0f;  // below every activation (NaN aside)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         alignas(16) T in[kVec];
@@ -61,9 +66,10 @@ __global__ void bn_relu_pool_kernel(const BnReluParams p) {
         }
 #pragma unroll
         for (int t = 0; t < kVec; ++t) {
-          const float act = Convert<T>::to_float(Convert<T>::from_float(
-              bn_relu_unfused(Convert<T>::to_float(in[t]), p.scale[k0 + t], p.shift[k0 + t])));
-          out[t] = fmaxf(out[t], act);
+          const float act = Convert<T>::to_float(Convert<T>::from_float(relu_nan(
+              bn_pre(Convert<T>::to_float(in[t]), p.mean_hi[k0 + t], p.mean_lo[k0 + t],
+                     p.scale[k0 + t], p.beta[k0 + t]))));
+          out[t] = max_nan(out[t], act);
         }
       }
     }
@@ -104,25 +110,27 @@ cudaError_t bn_relu_pool_typed(const BnReluParams& p, cudaStream_t stream) {
 // ---- backward ---------------------------------------------------------------------------------
 
 struct ChannelParams {
-  float mean, invstd, gamma, beta;
+  float mean_hi, mean_lo, invstd, scale, beta;
 };
 
 __device__ __forceinline__ ChannelParams channel_params(const BnReluBackwardParams& p,
                                                         int64_t k) {
-  return {p.mean[k], p.invstd[k], p.gamma[k], p.beta[k]};
+  return {p.mean_hi[k], p.mean_lo[k], p.invstd[k], p.scale[k], p.beta[k]};
 }
 
-// xhat = (z - mean) * invstd and pre = xhat * gamma + beta, each op rounded as PyTorch's.
+// xhat = (z - mean) * invstd, each op rounded as the reference's.
 __device__ __forceinline__ float xhat_of(float z, const ChannelParams& c) {
-  return __fmul_rn(__fsub_rn(z, c.mean), c.invstd);
+  return __fmul_rn(bn_centered(z, c.mean_hi, c.mean_lo), c.invstd);
 }
 
-__device__ __forceinline__ float pre_of(float xhat, const ChannelParams& c) {
-  return __fadd_rn(__fmul_rn(xhat, c.gamma), c.beta);
+// The forward's pre-activation, bit for bit (bn_relu_pool_kernel computes it with bn_pre too).
+__device__ __forceinline__ float pre_of(float z, const ChannelParams& c) {
+  return bn_pre(z, c.mean_hi, c.mean_lo, c.scale, c.beta);
 }
 
 // For the 2x2 window whose top-left element is z[corner]: which of the 4 (row-major) holds the
-// first maximum of the activations relu(pre) rounded to T, and that element's xhat and pre.
+// first maximum of the activations relu(pre) rounded to T (the values bn_relu_pool_kernel
+// pools), and that element's xhat and pre.
 template <typename T>
 __device__ __forceinline__ int window_argmax(const T* z, int64_t corner, int64_t row_stride,
                                              int64_t k, const ChannelParams& c, float* xhat,
@@ -132,13 +140,13 @@ __device__ __forceinline__ int window_argmax(const T* z, int64_t corner, int64_t
   float best_act = 0.0f;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const float xh = xhat_of(Convert<T>::to_float(z[corner + offsets[q]]), c);
-    const float pr = pre_of(xh, c);
-    const float act = Convert<T>::to_float(Convert<T>::from_float(fmaxf(pr, 0.0f)));
+    const float zq = Convert<T>::to_float(z[corner + offsets[q]]);
+    const float pr = pre_of(zq, c);
+    const float act = Convert<T>::to_float(Convert<T>::from_float(relu_nan(pr)));
     if (q == 0 || act > best_act) {
       best = q;
       best_act = act;
-      *xhat = xh;
+      *xhat = xhat_of(zq, c);
       *pre = pr;
     }
   }
@@ -167,8 +175,9 @@ __global__ void bn_relu_backward_reduce_kernel(const BnReluBackwardParams p) {
         const int64_t corner = ((n * p.h + 2 * ph) * p.w + 2 * pw) * p.k + k;
         window_argmax<T>(z, corner, p.w * p.k, p.k, c, &xhat, &pre);
       } else {
-        xhat = xhat_of(Convert<T>::to_float(z[cell * p.k + k]), c);
-        pre = pre_of(xhat, c);
+        const float zc = Convert<T>::to_float(z[cell * p.k + k]);
+        xhat = xhat_of(zc, c);
+        pre = pre_of(zc, c);
       }
       if (pre > 0.0f) {
         const float g = Convert<T>::to_float(grad_y[cell * p.k + k]);
@@ -206,7 +215,8 @@ __global__ void bn_relu_backward_apply_kernel(const BnReluBackwardParams p) {
     const int64_t k = idx % p.k;
     const int64_t pixel = idx / p.k;
     const ChannelParams c = channel_params(p, k);
-    const float xhat = xhat_of(Convert<T>::to_float(z[idx]), c);
+    const float zv = Convert<T>::to_float(z[idx]);
+    const float xhat = xhat_of(zv, c);
     float g = 0.0f;
     if constexpr (kPool) {
       const int64_t w = pixel % p.w;
@@ -221,12 +231,12 @@ __global__ void bn_relu_backward_apply_kernel(const BnReluBackwardParams p) {
           g = Convert<T>::to_float(grad_y[((n * p.out_h + ph) * p.out_w + pw) * p.k + k]);
         }
       }
-    } else if (pre_of(xhat, c) > 0.0f) {
+    } else if (pre_of(zv, c) > 0.0f) {
       g = Convert<T>::to_float(grad_y[idx]);
     }
     const float mean_g = static_cast<float>(p.sum_g[k]) * inv_count;
     const float mean_gx = static_cast<float>(p.sum_gx[k]) * inv_count;
-    grad_z[idx] = Convert<T>::from_float(c.gamma * c.invstd * (g - mean_g - xhat * mean_gx));
+    grad_z[idx] = Convert<T>::from_float(c.scale * (g - mean_g - xhat * mean_gx));
   }
 }
 

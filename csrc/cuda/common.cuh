@@ -48,10 +48,44 @@ struct Convert<__nv_bfloat16> {
   }
 };
 
-// relu(z * scale + shift) rounded like PyTorch's unfused ops (a multiply, then an add: no FMA
+// max(a, b) that is NaN when either operand is, as nn.MaxPool2d and torch.relu give (fmaxf
+// returns the other operand). max.NaN is one instruction (FMNMX.NAN) on compute capability 8.0+,
+// the oldest target the build allows: no more than the fmaxf it replaces.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float result;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(result) : "f"(a), "f"(b));
+  return result;
+}
+
+// ReLU that keeps NaN (torch.relu(NaN) is NaN; fmaxf(NaN, 0) is 0). Since max_nan is
+// associative and relu_nan(v) = max_nan(v, 0), relu_nan(max_nan(a, b)) equals
+// max_nan(relu_nan(a), relu_nan(b)): a pooled ReLU can take the max first.
+__device__ __forceinline__ float relu_nan(float v) { return max_nan(v, 0.0f); }
+
+// z * scale + shift rounded like PyTorch's unfused ops (a multiply, then an add: no FMA
 // contraction), so a 2x2 window ties and breaks ties exactly as the reference does.
+__device__ __forceinline__ float scale_shift_unfused(float z, float scale, float shift) {
+  return __fadd_rn(__fmul_rn(z, scale), shift);
+}
+
+// relu(z * scale + shift) as scale_shift_unfused, NaN kept.
 __device__ __forceinline__ float bn_relu_unfused(float z, float scale, float shift) {
-  return fmaxf(__fadd_rn(__fmul_rn(z, scale), shift), 0.0f);
+  return relu_nan(scale_shift_unfused(z, scale, shift));
+}
+
+// z - mean with the batch mean as the unevaluated sum hi + lo of two floats (hi = fp32(mean),
+// lo = fp32(mean - hi)): z - hi is exact for z near the mean, so (z - hi) - lo is z's deviation
+// to fp32 precision even where the mean is 1e4 or more times the spread.
+__device__ __forceinline__ float bn_centered(float z, float mean_hi, float mean_lo) {
+  return __fsub_rn(__fsub_rn(z, mean_hi), mean_lo);
+}
+
+// The training block's pre-activation (z - mean) * scale + beta (scale = gamma * invstd): the
+// reference's bn_pre_reference, each op rounded (no FMA). bn_relu_pool and bn_relu_backward
+// both take their ReLU mask and 2x2 maxima from it, so they agree on every mask bit and tie.
+__device__ __forceinline__ float bn_pre(float z, float mean_hi, float mean_lo, float scale,
+                                        float beta) {
+  return __fadd_rn(__fmul_rn(bn_centered(z, mean_hi, mean_lo), scale), beta);
 }
 
 // 16-byte global -> shared copy that bypasses L1; zero-fills when !valid (src is not read).

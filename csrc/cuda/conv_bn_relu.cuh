@@ -14,6 +14,17 @@
 // (BN / WARPS_N) block of 16x16 accumulator fragments. The epilogue stages one fragment at a
 // time through shared memory (per warp), applies scale/shift/ReLU/pool or bias + statistics on
 // the fp32 values, and writes the storage type.
+//
+// Statistics (kStats): each CTA sums, per output channel, d = z - z0 and d * d over its valid
+// rows, z0 being the channel's z in the CTA's first GEMM row: a value of the same distribution,
+// so the sums stay of the order of the spread however far the mean is from 0 (sums of z and
+// z * z lose a channel whose mean is 1e4 times its spread to cancellation). The CTA writes z0
+// and the two sums; the host forms each tile's mean z0 + S1 / n and m2 = S2 - S1^2 / n in fp64
+// and merges the tiles with Chan's formula. Tile means rounded to fp32 here would each be off by
+// up to half an ulp of the mean; emulated on the CPU (2697 rows, 24 channels, tiles of 64 and 128
+// rows) that put the merged variance off by up to 4e-3 of itself at mean 1e4 and spread 0.01
+// (2e-5 at spread 1), against 1e-7 with the sums. Every sum has one fixed order (no atomics),
+// so the statistics are deterministic.
 #pragma once
 
 #include <mma.h>
@@ -48,6 +59,10 @@ struct MmaTraits<float> {
     for (int i = 0; i < frag.num_elements; ++i) frag.x[i] = wmma::__float_to_tf32(frag.x[i]);
   }
 };
+
+// GEMM rows per CTA of every tensor-core tile shape below: the row tile of the statistics
+// buffers (conv_stats_rows_per_cta).
+constexpr int kTensorCoreBM = 128;
 
 template <typename T, int BM_, int BN_, int WARPS_M_, int WARPS_N_>
 struct TileConfig {
@@ -142,8 +157,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, kLds = Cfg::kLds;
   constexpr int kChunk = Cfg::kChunk;
   __shared__ __align__(128) unsigned char smem[Cfg::kSmemBytes];
-  __shared__ float stat_sum[kStats ? BN : 1];
-  __shared__ float stat_sumsq[kStats ? BN : 1];
+  // kStats: per channel of the tile, z0 and the sums of d = z - z0 and d * d, one row of sums per
+  // warp row (each entry has a single writer thread, so no atomics and a fixed order); 2.5 KB at
+  // most, within the 48 KB of static shared memory with the 40 KB pipeline
+  constexpr int kStatRows = kStats ? Cfg::WARPS_M : 1, kStatCols = kStats ? BN : 1;
+  __shared__ float stat_z0[kStatCols];
+  __shared__ float stat_s1[kStatRows][kStatCols];
+  __shared__ float stat_s2[kStatRows][kStatCols];
   T* stages = reinterpret_cast<T*>(smem);
 
   const int tid = threadIdx.x;
@@ -156,9 +176,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
   const int ktiles = static_cast<int>((p.kdim + BK - 1) / BK);
 
   if constexpr (kStats) {
-    for (int i = tid; i < BN; i += Cfg::kThreads) {
-      stat_sum[i] = 0.0f;
-      stat_sumsq[i] = 0.0f;
+    for (int i = tid; i < kStatRows * kStatCols; i += Cfg::kThreads) {
+      stat_s1[i / kStatCols][i % kStatCols] = 0.0f;
+      stat_s2[i / kStatCols][i % kStatCols] = 0.0f;
     }
   }
 
@@ -280,6 +300,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
   float* scratch = reinterpret_cast<float*>(smem) + warp * 16 * Cfg::kScratchLd;
   T* y = static_cast<T*>(p.y);
   const bool aligned8 = p.k % 8 == 0;
+  if constexpr (kStats) {
+    // z0: row 0 of the tile (always valid: no CTA starts past the last row) from the warps that
+    // hold it, computed as the stores below compute z
+    if (warp_m == 0) {
+#pragma unroll
+      for (int j = 0; j < Cfg::kFragsN; ++j) {
+        wmma::store_matrix_sync(scratch, acc[0][j], Cfg::kScratchLd, wmma::mem_row_major);
+        __syncwarp();
+        if (lane < 16) {
+          const int n_local = warp_n * Cfg::kWarpN + j * 16 + lane;
+          const int64_t n = n_block + n_local;
+          stat_z0[n_local] =
+              p.shift != nullptr && n < p.k ? scratch[lane] + p.shift[n] : scratch[lane];
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int i = 0; i < Cfg::kFragsM; ++i) {
 #pragma unroll
@@ -300,13 +339,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
             const int64_t n = n0 + col + t;
             if (n < p.k) {
               const float scale = p.scale[n], shift = p.shift[n];
-              float best = 0.0f;  // ReLU outputs are >= 0
+              float best = fmaf(scratch[4 * win * Cfg::kScratchLd + col + t], scale, shift);
 #pragma unroll
-              for (int q = 0; q < 4; ++q) {
+              for (int q = 1; q < 4; ++q) {
                 const float v = scratch[(4 * win + q) * Cfg::kScratchLd + col + t];
-                best = fmaxf(best, fmaf(v, scale, shift));
+                best = max_nan(best, fmaf(v, scale, shift));
               }
-              y[pooled * p.k + n] = Convert<T>::from_float(best);
+              // the max of the ReLUs, NaN kept (relu_nan commutes with max_nan)
+              y[pooled * p.k + n] = Convert<T>::from_float(relu_nan(best));
             }
           }
         }
@@ -327,15 +367,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
           } else if constexpr (kStats) {
             v[t] = p.shift != nullptr ? acc_v + p.shift[nc + t] : acc_v;
           } else {
-            v[t] = fmaxf(fmaf(acc_v, p.scale[nc + t], p.shift[nc + t]), 0.0f);
+            v[t] = relu_nan(fmaf(acc_v, p.scale[nc + t], p.shift[nc + t]));
           }
         }
         if (row_ok) store_channels8(y + m * p.k + nc, v, valid, aligned8);
         if constexpr (kStats) {
-          // Column sums over the fragment's 16 rows: lanes with the same lane % 2 share columns.
+          // Column sums of d = z - z0 over the fragment's 16 rows (lanes with the same lane % 2
+          // share columns), added by lanes 0 and 1 to this warp row's sums.
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
-            float s = row_ok ? v[t] : 0.0f;
+            const int col = n_local + col0 + t;
+            float s = row_ok && t < valid ? v[t] - stat_z0[col] : 0.0f;
             float sq = s * s;
 #pragma unroll
             for (int offset = 2; offset < 32; offset <<= 1) {
@@ -343,8 +385,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
               sq += __shfl_xor_sync(0xffffffffu, sq, offset);
             }
             if (lane < 2) {
-              atomicAdd(&stat_sum[n_local + col0 + t], s);
-              atomicAdd(&stat_sumsq[n_local + col0 + t], sq);
+              stat_s1[warp_m][col] += s;
+              stat_s2[warp_m][col] += sq;
             }
           }
         }
@@ -355,10 +397,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) conv_bn_relu_kernel(const Co
   if constexpr (kStats) {
     __syncthreads();
     for (int i = tid; i < BN; i += Cfg::kThreads) {
-      if (n_block + i < p.k) {
-        // fp64 across CTAs: thousands of per-CTA partials add up without fp32 drift
-        atomicAdd(p.sum + n_block + i, static_cast<double>(stat_sum[i]));
-        atomicAdd(p.sumsq + n_block + i, static_cast<double>(stat_sumsq[i]));
+      const int64_t n = n_block + i;
+      if (n < p.k) {
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kStatRows; ++w) {
+          s1 += stat_s1[w][i];
+          s2 += stat_s2[w][i];
+        }
+        const int64_t out = static_cast<int64_t>(blockIdx.x) * p.k + n;
+        p.tile_shift[out] = stat_z0[i];
+        p.tile_sum[out] = s1;
+        p.tile_sumsq[out] = s2;
       }
     }
   }
@@ -387,8 +437,10 @@ cudaError_t launch_conv_tiles(const ConvParams& p, ConvMode mode, cudaStream_t s
 // 128 x 128 tiles, or 128 x 64 when k <= 64 (VGG's first block) so no half-empty column tiles.
 template <typename T>
 cudaError_t launch_conv_tensor_cores(const ConvParams& p, ConvMode mode, cudaStream_t stream) {
-  if (p.k <= 64) return launch_conv_tiles<T, TileConfig<T, 128, 64, 4, 2>>(p, mode, stream);
-  return launch_conv_tiles<T, TileConfig<T, 128, 128, 2, 4>>(p, mode, stream);
+  if (p.k <= 64) {
+    return launch_conv_tiles<T, TileConfig<T, kTensorCoreBM, 64, 4, 2>>(p, mode, stream);
+  }
+  return launch_conv_tiles<T, TileConfig<T, kTensorCoreBM, 128, 2, 4>>(p, mode, stream);
 }
 
 }  // namespace vgg_kernels::cuda

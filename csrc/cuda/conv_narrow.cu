@@ -15,8 +15,8 @@
 //   into registers while it computes and stores the current one.
 // - The epilogue applies the BN scale and shift and ReLU to the fp32 accumulators (and the 2x2
 //   max-pool: a window's rows are the same element of the two m16 tiles, its columns lanes 4
-//   apart), stages the tile per warp in shared memory and writes whole 16-byte chunks of 8
-//   channels, 512 contiguous bytes per warp store when K = 64.
+//   apart; NaN kept), stages the tile per warp in shared memory and writes whole 16-byte chunks
+//   of 8 channels, 512 contiguous bytes per warp store when K = 64.
 //
 // Warp w owns tile rows 2w and 2w + 1 (one m16 tile each: the 16 pixels of the row are the MMA's
 // rows) by all 64 channels (eight n8 tiles). C is a template parameter, so the halo copy and the
@@ -246,18 +246,19 @@ __global__ void __launch_bounds__(kThreads, min_blocks(kC))
           float m[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            // window rows: the same element of the two m16 tiles; columns: lanes 4 apart
-            const float top = bn_relu_unfused(acc[0][nt][2 * half + e], scale_s[ch + e],
-                                              shift_s[ch + e]);
-            const float bottom = bn_relu_unfused(acc[1][nt][2 * half + e], scale_s[ch + e],
-                                                 shift_s[ch + e]);
-            m[e] = fmaxf(top, bottom);
-            m[e] = fmaxf(m[e], __shfl_xor_sync(0xffffffffu, m[e], 4));
+            // window rows: the same element of the two m16 tiles; columns: lanes 4 apart. The
+            // ReLU of the window's max is the max of its ReLUs (NaN kept by both).
+            const float top =
+                scale_shift_unfused(acc[0][nt][2 * half + e], scale_s[ch + e], shift_s[ch + e]);
+            const float bottom =
+                scale_shift_unfused(acc[1][nt][2 * half + e], scale_s[ch + e], shift_s[ch + e]);
+            m[e] = max_nan(top, bottom);
+            m[e] = max_nan(m[e], __shfl_xor_sync(0xffffffffu, m[e], 4));
           }
           if ((g & 1) == 0) {
             const int pooled = (g + 8 * half) / 2;
             *reinterpret_cast<uint32_t*>(stage + pooled * kPitch + ch) =
-                pack_floats<T>(m[0], m[1]);
+                pack_floats<T>(relu_nan(m[0]), relu_nan(m[1]));
           }
         }
       }

@@ -8,8 +8,9 @@
 // tiles are stored in the 128-byte swizzled layout those descriptors name (16-byte chunk j of
 // row r at chunk j ^ (r % 8)), filled by 16-byte cp.async copies that zero-fill the padding.
 // Five stages (four for 256 channels): tile kt + 3 (kt + 2) is in flight while tile kt is
-// multiplied and tile kt - 1's MMAs drain. The epilogue works on the accumulator registers directly: BN scale/shift, ReLU, and
-// the 2x2 max-pool as a shuffle across the four lanes that hold a window's rows.
+// multiplied and tile kt - 1's MMAs drain. The epilogue works on the accumulator registers
+// directly: BN scale/shift, ReLU, and the 2x2 max-pool as a shuffle across the four lanes that
+// hold a window's rows (NaN kept).
 //
 // Used for fp16/bf16 inference when C and K are multiples of 8 on an sm_90a build; everything
 // else takes the WMMA kernel.
@@ -145,17 +146,20 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t m = m_warp + 8 * h;
-      float v0 = fmaxf(fmaf(acc[4 * j + 2 * h], scale0, shift0), 0.0f);
-      float v1 = fmaxf(fmaf(acc[4 * j + 2 * h + 1], scale1, shift1), 0.0f);
+      float v0 = fmaf(acc[4 * j + 2 * h], scale0, shift0);
+      float v1 = fmaf(acc[4 * j + 2 * h + 1], scale1, shift1);
       if constexpr (kPool) {
-        // rows 4 q .. 4 q + 3 (one window) sit in lanes 16 (lane / 16) + 4 i + lane % 4
-        v0 = fmaxf(v0, __shfl_xor_sync(0xffffffffu, v0, 4));
-        v1 = fmaxf(v1, __shfl_xor_sync(0xffffffffu, v1, 4));
-        v0 = fmaxf(v0, __shfl_xor_sync(0xffffffffu, v0, 8));
-        v1 = fmaxf(v1, __shfl_xor_sync(0xffffffffu, v1, 8));
-        if ((lane & 12) == 0 && n_ok && m < p.rows) store_pair(y + (m >> 2) * p.k + n, v0, v1);
+        // rows 4 q .. 4 q + 3 (one window) sit in lanes 16 (lane / 16) + 4 i + lane % 4; the
+        // ReLU of the window's max is the max of its ReLUs (NaN kept by both)
+        v0 = max_nan(v0, __shfl_xor_sync(0xffffffffu, v0, 4));
+        v1 = max_nan(v1, __shfl_xor_sync(0xffffffffu, v1, 4));
+        v0 = max_nan(v0, __shfl_xor_sync(0xffffffffu, v0, 8));
+        v1 = max_nan(v1, __shfl_xor_sync(0xffffffffu, v1, 8));
+        if ((lane & 12) == 0 && n_ok && m < p.rows) {
+          store_pair(y + (m >> 2) * p.k + n, relu_nan(v0), relu_nan(v1));
+        }
       } else if (n_ok && m < p.rows) {
-        store_pair(y + m * p.k + n, v0, v1);
+        store_pair(y + m * p.k + n, relu_nan(v0), relu_nan(v1));
       }
     }
   }

@@ -30,8 +30,9 @@
 // B/cycle of shared-memory bandwidth before the copies into it; m64n128k16 with 64 channels as M
 // reads 6 KB per 64 cycles. Per 64-channel block a CTA reads 324 halo pixels and nine 64 x 64
 // weight tiles for 256 x 64 outputs: 0.0061 B/FLOP. The accumulator holds a 2x2 window's four
-// values in one thread (rows j, j + 1 of the N index, columns e = 0, 1), so the pool is four
-// fmaxf; a shuffle with the lane holding the neighbouring channel makes each store 4 bytes.
+// values in one thread (rows j, j + 1 of the N index, columns e = 0, 1), so the pool is three
+// max_nan and one ReLU; a shuffle with the lane holding the neighbouring channel makes each store
+// 4 bytes.
 //
 // Layers with C == 64 (one channel block) take a persistent, weight-resident form of the second
 // orientation (conv_wgmma_halo_resident_kernel, below).
@@ -140,13 +141,14 @@ __device__ __forceinline__ void store_pixels_n(const float (&acc)[64], const Con
   for (int j = 0; j < 16; j += kPool ? 2 : 1) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const auto value = [&](int row, int e) {
-        return fmaxf(fmaf(acc[4 * row + 2 * h + e], scale[h], shift[h]), 0.0f);
+      const auto pre = [&](int row, int e) {  // before the ReLU
+        return fmaf(acc[4 * row + 2 * h + e], scale[h], shift[h]);
       };
       if constexpr (kPool) {
-        // the window: rows j, j + 1 (oh0 + j is even), columns e = 0, 1, all in this thread
-        const float m = fmaxf(fmaxf(value(j, 0), value(j, 1)),
-                              fmaxf(value(j + 1, 0), value(j + 1, 1)));
+        // the window: rows j, j + 1 (oh0 + j is even), columns e = 0, 1, all in this thread; the
+        // ReLU of its max is the max of its ReLUs (NaN kept by both)
+        const float m = relu_nan(max_nan(max_nan(pre(j, 0), pre(j, 1)),
+                                         max_nan(pre(j + 1, 0), pre(j + 1, 1))));
         const float partner = __shfl_xor_sync(0xffffffffu, m, 4);
         const int ph = (oh0 + j) / 2, pw = ow / 2;
         if (!odd && n_ok[h] && ph < p.out_h && pw < p.out_w) {
@@ -154,7 +156,7 @@ __device__ __forceinline__ void store_pixels_n(const float (&acc)[64], const Con
         }
       } else {
         // the even lane stores column e = 0, the odd lane column e = 1
-        const float v0 = value(j, 0), v1 = value(j, 1);
+        const float v0 = relu_nan(pre(j, 0)), v1 = relu_nan(pre(j, 1));
         const float partner = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
         const int e = odd ? 1 : 0;
         if (n_ok[h] && oh0 + j < p.h && ow + e < p.w) {
@@ -280,26 +282,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool n_ok = n < p.k;  // k % 8 == 0: both channels of the pair are in range or not
       const float scale0 = n_ok ? p.scale[n] : 0.0f, scale1 = n_ok ? p.scale[n + 1] : 0.0f;
       const float shift0 = n_ok ? p.shift[n] : 0.0f, shift1 = n_ok ? p.shift[n + 1] : 0.0f;
-      float v0[2], v1[2];
+      float v0[2], v1[2];  // before the ReLU
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        v0[h] = fmaxf(fmaf(acc[4 * j + 2 * h], scale0, shift0), 0.0f);
-        v1[h] = fmaxf(fmaf(acc[4 * j + 2 * h + 1], scale1, shift1), 0.0f);
+        v0[h] = fmaf(acc[4 * j + 2 * h], scale0, shift0);
+        v1[h] = fmaf(acc[4 * j + 2 * h + 1], scale1, shift1);
       }
       if constexpr (kPool) {
-        // a window's rows are h = 0, 1 of one thread (oh is even), its columns lanes 4 i, 4 i + 4
-        float m0 = fmaxf(v0[0], v0[1]), m1 = fmaxf(v1[0], v1[1]);
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 4));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 4));
+        // a window's rows are h = 0, 1 of one thread (oh is even), its columns lanes 4 i, 4 i + 4;
+        // the ReLU of its max is the max of its ReLUs (NaN kept by both)
+        float m0 = max_nan(v0[0], v0[1]), m1 = max_nan(v1[0], v1[1]);
+        m0 = max_nan(m0, __shfl_xor_sync(0xffffffffu, m0, 4));
+        m1 = max_nan(m1, __shfl_xor_sync(0xffffffffu, m1, 4));
         const int ph = oh / 2, pw = ow / 2;
         if ((lane & 4) == 0 && n_ok && ph < p.out_h && pw < p.out_w) {
-          store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + n, m0, m1);
+          store_pair(y + ((image * p.out_h + ph) * p.out_w + pw) * p.k + n, relu_nan(m0),
+                     relu_nan(m1));
         }
       } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if (n_ok && oh + h < p.h && ow < p.w) {
-            store_pair(y + ((image * p.h + oh + h) * p.w + ow) * p.k + n, v0[h], v1[h]);
+            store_pair(y + ((image * p.h + oh + h) * p.w + ow) * p.k + n, relu_nan(v0[h]),
+                       relu_nan(v1[h]));
           }
         }
       }

@@ -20,8 +20,14 @@ struct ConvParams {
   const float* scale;  // infer: (k,) fp32
   const float* shift;  // infer: (k,) fp32; stats: conv bias (k,) fp32 or nullptr
   void* y;             // infer: (n, out_h, out_w, k); stats: z (n, h, w, k); dtype
-  double* sum;         // stats: (k,) fp64, zero on entry; += sum over pixels of z
-  double* sumsq;       // stats: (k,) fp64, zero on entry; += sum over pixels of z * z
+  // stats: three (row_tiles, k) fp32 row-major buffers, R = conv_stats_rows_per_cta() GEMM rows
+  // per CTA and row_tiles = ceil(rows / R). For row tile t (rows [t R, min(t R + R, rows))) and
+  // channel n: tile_shift holds z0, the fp32 z of the tile's first row, tile_sum and tile_sumsq
+  // the sums over the tile's rows of d = z - z0 and of d * d. The kernel writes every entry; the
+  // host turns them into per-tile means and m2 and merges those with Chan's formula, in fp64.
+  float* tile_shift;
+  float* tile_sum;
+  float* tile_sumsq;
   int64_t n, h, w, c, k, out_h, out_w;
   int r;
   bool pool;
@@ -30,9 +36,13 @@ struct ConvParams {
 };
 
 enum class ConvMode : int {
-  kInfer = 0,  // y = maxpool2x2?(relu(acc * scale + shift))
-  kStats = 1,  // z = acc + bias, with per-channel sum and sum of squares of the fp32 z
+  kInfer = 0,  // y = maxpool2x2?(relu(acc * scale + shift)), NaN kept
+  kStats = 1,  // z = acc + bias, with per-CTA per-channel shifted sums of the fp32 z
 };
+
+// GEMM rows per CTA (R above) of the stats-mode kernel that the launcher for `dtype` runs; for
+// kFloat32, tf32 tells launch_conv_tf32 (true) from launch_conv_fp32 (false) apart.
+int conv_stats_rows_per_cta(DType dtype, bool tf32);
 
 // fp16 / bf16 on tensor cores; fp32 on tensor cores as tf32 (allow_tf32) or on CUDA cores.
 // Every launcher returns cudaGetLastError() after its launch.
@@ -65,28 +75,36 @@ constexpr int kNarrowWeightPitch = 64;
 bool conv_narrow_supported(const ConvParams& p, DType dtype);
 cudaError_t launch_conv_narrow(const ConvParams& p, DType dtype, cudaStream_t stream);
 
-// y = maxpool2x2?(relu(z * scale + shift)); z (n, h, w, k) NHWC, y (n, out_h, out_w, k).
+// y = maxpool2x2?(relu((z - mean) * scale + beta)), scale = gamma * invstd, rounded op by op
+// (bn_pre in common.cuh); z (n, h, w, k) NHWC, y (n, out_h, out_w, k). The mean comes as the sum
+// of two floats, mean_hi = fp32(mean) and mean_lo = fp32(mean - mean_hi), so z - mean keeps
+// fp32 precision where the mean is large against the spread.
 struct BnReluParams {
   const void* z;
+  const float* mean_hi;  // (k,) each, fp32
+  const float* mean_lo;
   const float* scale;
-  const float* shift;
+  const float* beta;
   void* y;
   int64_t n, h, w, k, out_h, out_w;
   bool pool;
 };
 cudaError_t launch_bn_relu_pool(const BnReluParams& p, DType dtype, cudaStream_t stream);
 
-// Backward of maxpool2x2?(relu(gamma * (z - mean) * invstd + beta)) with batch statistics.
+// Backward of maxpool2x2?(relu(gamma * (z - mean) * invstd + beta)) with batch statistics,
+// given scale = gamma * invstd as bn_relu_pool used it: its ReLU mask and pool maxima come from
+// the same pre (bn_pre in common.cuh); the mean as in BnReluParams.
 struct BnReluBackwardParams {
-  const void* grad_y;  // (n, out_h, out_w, k)
-  const void* z;       // (n, h, w, k)
-  const float* mean;
+  const void* grad_y;    // (n, out_h, out_w, k)
+  const void* z;         // (n, h, w, k)
+  const float* mean_hi;  // (k,) each, fp32
+  const float* mean_lo;
   const float* invstd;
-  const float* gamma;
+  const float* scale;
   const float* beta;
-  double* sum_g;       // (k,) fp64, zero on entry: sum of g (= grad_beta)
-  double* sum_gx;      // (k,) fp64, zero on entry: sum of g * xhat (= grad_gamma)
-  void* grad_z;        // (n, h, w, k)
+  double* sum_g;         // (k,) fp64, zero on entry: sum of g (= grad_beta)
+  double* sum_gx;        // (k,) fp64, zero on entry: sum of g * xhat (= grad_gamma)
+  void* grad_z;          // (n, h, w, k)
   int64_t n, h, w, k, out_h, out_w;
   bool pool;
 };

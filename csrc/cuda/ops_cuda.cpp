@@ -14,6 +14,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "../ops.h"
 #include "launch.h"
@@ -37,6 +38,16 @@ at::Tensor empty_nhwc(int64_t n, int64_t c, int64_t h, int64_t w, const at::Tens
 }
 
 at::Tensor fp32_vector(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// A per-channel mean (any float dtype; conv_bn_stats gives fp64) as the unevaluated sum hi + lo
+// of two fp32 vectors, hi = fp32(mean) and lo = fp32(mean - hi), as reference.split_mean: the
+// kernels' (z - hi) - lo is z's deviation to fp32 precision where the mean is large against the
+// spread, where one fp32 mean alone would be off by half its ulp.
+std::pair<at::Tensor, at::Tensor> split_mean(const at::Tensor& mean) {
+  const at::Tensor wide = mean.to(at::kDouble);
+  const at::Tensor hi = wide.to(at::kFloat).contiguous();
+  return {hi, (wide - hi.to(at::kDouble)).to(at::kFloat).contiguous()};
+}
 
 // Inputs in the kernels' layouts: x NHWC, weight KRSC in x's dtype.
 ConvParams conv_params(const at::Tensor& x, const at::Tensor& weight_krsc, bool pool) {
@@ -123,7 +134,10 @@ bool narrow_enabled() {
 }
 
 // The WMMA kernel family (and the CUDA-core fp32 kernel), for inference and the training forward.
-void launch_wmma(const ConvParams& p, at::ScalarType dtype, ConvMode mode, cudaStream_t stream) {
+// fp32 runs as tf32 when `tf32`: cuDNN's switch for convolutions (allow_tf32), which callers
+// pass so that fp32 results match cuDNN's.
+void launch_wmma(const ConvParams& p, at::ScalarType dtype, ConvMode mode, cudaStream_t stream,
+                 bool tf32) {
   cudaError_t status;
   switch (dtype) {
     case at::kHalf:
@@ -133,9 +147,7 @@ void launch_wmma(const ConvParams& p, at::ScalarType dtype, ConvMode mode, cudaS
       status = launch_conv_bf16(p, mode, stream);
       break;
     default:
-      // cuDNN's switch for convolutions; our kernels follow it so fp32 results match.
-      status = at::globalContext().allowTF32CuDNN() ? launch_conv_tf32(p, mode, stream)
-                                                    : launch_conv_fp32(p, mode, stream);
+      status = tf32 ? launch_conv_tf32(p, mode, stream) : launch_conv_fp32(p, mode, stream);
   }
   C10_CUDA_CHECK(status);
 }
@@ -211,7 +223,8 @@ void run(InferKernel kernel, const InferCall& call, cudaStream_t stream) {
                                             wgmma_tile_override(), stream));
       return;
     default:
-      launch_wmma(p, call.x.scalar_type(), ConvMode::kInfer, stream);
+      launch_wmma(p, call.x.scalar_type(), ConvMode::kInfer, stream,
+                  at::globalContext().allowTF32CuDNN());
   }
 }
 
@@ -391,21 +404,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     p.shift = bias_f.data_ptr<float>();
   }
   at::Tensor z = empty_nhwc(p.n, p.k, p.h, p.w, x);
-  // fp64 accumulators across CTAs, returned in fp32 like the CPU kernels' sums
-  at::Tensor sum = at::zeros({p.k}, x.options().dtype(at::kDouble));
-  at::Tensor sumsq = at::zeros({p.k}, x.options().dtype(at::kDouble));
+  // One row of shifted sums per row tile of the kernel launch_wmma runs (see ConvParams); the
+  // tf32 switch is read once, so the buffers' tiling and the launched kernel agree.
+  const bool tf32 = at::globalContext().allowTF32CuDNN();
+  const int64_t tile_rows = conv_stats_rows_per_cta(dtype_of(x), tf32);
+  const int64_t row_tiles = (p.rows + tile_rows - 1) / tile_rows;
+  const at::TensorOptions fp32 = x.options().dtype(at::kFloat);
+  at::Tensor tile_shift = at::empty({row_tiles, p.k}, fp32);
+  at::Tensor tile_sum = at::empty({row_tiles, p.k}, fp32);
+  at::Tensor tile_sumsq = at::empty({row_tiles, p.k}, fp32);
   p.y = z.data_ptr();
-  p.sum = sum.data_ptr<double>();
-  p.sumsq = sumsq.data_ptr<double>();
-  launch_wmma(p, x.scalar_type(), ConvMode::kStats, c10::cuda::getCurrentCUDAStream());
-  return {z, sum.to(at::kFloat), sumsq.to(at::kFloat)};
+  p.tile_shift = tile_shift.data_ptr<float>();
+  p.tile_sum = tile_sum.data_ptr<float>();
+  p.tile_sumsq = tile_sumsq.data_ptr<float>();
+  launch_wmma(p, x.scalar_type(), ConvMode::kStats, c10::cuda::getCurrentCUDAStream(), tf32);
+  // In fp64 (deterministic ATen reductions): each tile's mean_t = z0 + S1 / n_t and
+  // m2_t = S2 - S1^2 / n_t (>= 0 but for rounding; clamp_min keeps NaN), then Chan's parallel
+  // formula: mean = sum n_t mean_t / N, M2 = sum m2_t + sum n_t (mean_t - mean)^2, var = M2 / N.
+  const int64_t last_rows = p.rows - (row_tiles - 1) * tile_rows;
+  at::Tensor counts = at::full({row_tiles, 1}, static_cast<double>(tile_rows),
+                               x.options().dtype(at::kDouble));
+  counts.narrow(0, row_tiles - 1, 1).fill_(static_cast<double>(last_rows));
+  const at::Tensor sums = tile_sum.to(at::kDouble);
+  const at::Tensor means = tile_shift.to(at::kDouble) + sums / counts;
+  const at::Tensor m2 = (tile_sumsq.to(at::kDouble) - sums.square() / counts).clamp_min(0.0);
+  const double total = static_cast<double>(p.rows);
+  const at::Tensor mean = (counts * means).sum(0) / total;
+  const at::Tensor spread = m2.sum(0) + (counts * (means - mean).square()).sum(0);
+  return {z, mean, spread / total};  // fp64: the mean's low bits matter (split_mean)
 }
 
-at::Tensor bn_relu_pool(const at::Tensor& z_in, const at::Tensor& scale_in,
-                        const at::Tensor& shift_in, bool pool) {
+at::Tensor bn_relu_pool(const at::Tensor& z_in, const at::Tensor& mean_in,
+                        const at::Tensor& scale_in, const at::Tensor& beta_in, bool pool) {
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor scale = fp32_vector(scale_in), shift = fp32_vector(shift_in);
+  const auto [mean_hi, mean_lo] = split_mean(mean_in);
+  const at::Tensor scale = fp32_vector(scale_in), beta = fp32_vector(beta_in);
   BnReluParams p{};
   p.n = z.size(0);
   p.k = z.size(1);
@@ -416,22 +450,25 @@ at::Tensor bn_relu_pool(const at::Tensor& z_in, const at::Tensor& scale_in,
   p.out_w = pool ? p.w / 2 : p.w;
   at::Tensor y = empty_nhwc(p.n, p.k, p.out_h, p.out_w, z);
   p.z = z.data_ptr();
+  p.mean_hi = mean_hi.data_ptr<float>();
+  p.mean_lo = mean_lo.data_ptr<float>();
   p.scale = scale.data_ptr<float>();
-  p.shift = shift.data_ptr<float>();
+  p.beta = beta.data_ptr<float>();
   p.y = y.data_ptr();
   C10_CUDA_CHECK(launch_bn_relu_pool(p, dtype_of(z), c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_y_in, const at::Tensor& z_in, const at::Tensor& mean_in,
-    const at::Tensor& invstd_in, const at::Tensor& gamma_in, const at::Tensor& beta_in,
+    const at::Tensor& invstd_in, const at::Tensor& scale_in, const at::Tensor& beta_in,
     bool pool) {
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor mean = fp32_vector(mean_in), invstd = fp32_vector(invstd_in);
-  const at::Tensor gamma = fp32_vector(gamma_in), beta = fp32_vector(beta_in);
+  const auto [mean_hi, mean_lo] = split_mean(mean_in);
+  const at::Tensor invstd = fp32_vector(invstd_in);
+  const at::Tensor scale = fp32_vector(scale_in), beta = fp32_vector(beta_in);
   BnReluBackwardParams p{};
   p.n = z.size(0);
   p.k = z.size(1);
@@ -445,15 +482,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   at::Tensor grad_z = empty_nhwc(p.n, p.k, p.h, p.w, z);
   p.grad_y = grad_y.data_ptr();
   p.z = z.data_ptr();
-  p.mean = mean.data_ptr<float>();
+  p.mean_hi = mean_hi.data_ptr<float>();
+  p.mean_lo = mean_lo.data_ptr<float>();
   p.invstd = invstd.data_ptr<float>();
-  p.gamma = gamma.data_ptr<float>();
+  p.scale = scale.data_ptr<float>();
   p.beta = beta.data_ptr<float>();
   p.sum_g = sum_g.data_ptr<double>();
   p.sum_gx = sum_gx.data_ptr<double>();
   p.grad_z = grad_z.data_ptr();
   C10_CUDA_CHECK(launch_bn_relu_backward(p, dtype_of(z), c10::cuda::getCurrentCUDAStream()));
-  return {grad_z, sum_gx.to(gamma_in.scalar_type()), sum_g.to(beta_in.scalar_type())};
+  // the conv bias's gradient: a reduction of grad_z (the native CUDA path is the fallback;
+  // the Triton backend takes it from its reduction pass's sums)
+  at::Tensor grad_bias = grad_z.sum({0, 2, 3}, /*keepdim=*/false, at::kFloat);
+  return {grad_z, sum_gx.to(at::kFloat), sum_g.to(at::kFloat), grad_bias};
 }
 
 }  // namespace vgg_kernels::cuda

@@ -10,12 +10,22 @@ method per op it implements. Ops (see vgg_kernels/ops):
     (N, K, H', W') in ``x``'s dtype, channels_last.
 
 ``conv_bn_relu_train`` is three methods (BN with batch statistics; see ops._ConvBNReLUTrain):
-    ``conv_bn_stats(x, weight, bias) -> (z, sum, sumsq)``: z = conv(x, weight) + bias
-    (channels_last, x's dtype) and per-channel fp32 sums of z and z**2 over (N, H, W), taken
-    from the accumulator in the conv epilogue;
-    ``bn_relu_pool(z, scale, shift, pool) -> y``: ``maxpool2x2?(relu(z * scale + shift))``;
-    ``bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool) -> (grad_z, grad_gamma,
-    grad_beta)``: pool + ReLU + BN backward, one reduction pass and one elementwise pass.
+    ``conv_bn_stats(x, weight, bias) -> (z, mean, var)``: z = conv(x, weight) + bias
+    (channels_last, x's dtype) and its per-channel batch mean and biased variance over
+    (N, H, W) in fp64, taken from the fp32 accumulator in the conv epilogue and combined
+    robustly: per-tile moments merged with Chan's formula (or sums shifted by a value of the
+    same distribution), never E[z^2] - E[z]^2 over the batch, so a channel whose mean is 1e4
+    times its spread keeps its variance;
+    ``bn_relu_pool(z, mean, scale, beta, pool) -> y``: ``maxpool2x2?(relu(pre))`` with
+    ``pre = (z - mean) * scale + beta`` (scale = gamma * invstd) rounded as a subtraction, a
+    multiply and an add (no FMA; the mean comes off first, so a large mean does not cancel);
+    ``bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool) -> (grad_z, grad_gamma,
+    grad_beta)``: pool + ReLU + BN backward, one reduction pass and one elementwise pass, with
+    the ReLU mask and the pool's maxima from the same ``pre`` as the forward, so the two agree
+    on every mask.
+
+Every epilogue keeps NaN and infinities as PyTorch's ops do: ``relu(NaN)`` is NaN and a 2x2
+window holding a NaN pools to NaN.
 
 Choice (``backend='auto'``): CUDA tensors -> triton, else native, else reference; CPU tensors ->
 native, else reference. ``VGG_KERNELS_BACKEND`` replaces ``'auto'``; an explicit name passed as
@@ -26,6 +36,7 @@ one warning per (asked, used, reason) says so.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Protocol
 
@@ -49,6 +60,7 @@ class Backend(Protocol):
 
 _REGISTRY: dict[str, Backend] = {}
 _WARNED: set[tuple[str, str, str]] = set()
+_WARN_LOCK = threading.Lock()
 
 
 def register_backend(backend: Backend) -> None:
@@ -100,8 +112,10 @@ def _resolve(asked: str, device_type: str, device_index: int, dtype_name: str, o
         if reason is None:
             if first_reason is not None:
                 key = (asked, name, first_reason[1])
-                if key not in _WARNED:
+                with _WARN_LOCK:  # one warning, also when threads fall back at once
+                    first = key not in _WARNED
                     _WARNED.add(key)
+                if first:
                     warnings.warn(
                         f"vgg_kernels: backend {asked!r} asked for {op} on {device_type} "
                         f"{dtype_name}; running {name!r} instead because backend "
@@ -141,15 +155,22 @@ def available_backends(device: torch.device, dtype: torch.dtype,
 
 
 _LOADED = False
+_LOAD_LOCK = threading.Lock()
 
 
 def _load_builtin_backends() -> None:
+    """Register the built-in backends once. Thread-safe: the flag is set only after every
+    backend is registered, under a lock, so threads making their first call at the same time
+    all see the whole registry."""
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
-    from vgg_kernels.backends import native, reference
-    from vgg_kernels.backends import triton as triton_backend
+    with _LOAD_LOCK:
+        if _LOADED:
+            return
+        from vgg_kernels.backends import native, reference
+        from vgg_kernels.backends import triton as triton_backend
 
-    for module in (reference, triton_backend, native):
-        register_backend(module.BACKEND)
+        for module in (reference, triton_backend, native):
+            register_backend(module.BACKEND)
+        _LOADED = True

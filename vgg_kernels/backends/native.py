@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from vgg_kernels.backends.reference import TorchGradients
+
 _ROOT = Path(__file__).resolve().parents[2]
 _OPS = ("conv_bn_relu_infer", "conv_bn_relu_train")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,7 +85,14 @@ def _load() -> str | None:
             reason = _jit_build(str(error))
         if reason is None:
             _register_fakes()
-            _state["info"] = _parse_build_info(torch.ops.vgg_kernels.build_info())
+            # outside any torch.jit.trace in progress: the tracer cannot record an op that
+            # returns a str
+            tracing_state = torch._C._get_tracing_state()
+            torch._C._set_tracing_state(None)
+            try:
+                _state["info"] = _parse_build_info(torch.ops.vgg_kernels.build_info())
+            finally:
+                torch._C._set_tracing_state(tracing_state)
         _state["reason"] = reason
         return reason
 
@@ -119,26 +128,42 @@ def _empty_nhwc(shape, like: torch.Tensor) -> torch.Tensor:
                        memory_format=torch.channels_last)
 
 
+def _check_devices(first: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """The C++ ops' device check, in the fake kernels too: a call that mixes devices (one
+    argument on the meta device, say) reaches the fake kernel, which must fail as the real
+    one would rather than return uninitialised memory."""
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on {first}'s device {device} (got {t.device})")
+
+
 def _fake_conv_bn_relu_infer(x, weight, scale, shift, pool):
+    _check_devices("x", {"x": x, "weight": weight, "scale": scale, "shift": shift})
     n, _, h, w = x.shape
     k = weight.shape[0]
     return _empty_nhwc((n, k, h // 2, w // 2) if pool else (n, k, h, w), x)
 
 
 def _fake_conv_bn_stats(x, weight, bias):
+    _check_devices("x", {"x": x, "weight": weight, "bias": bias})
     n, _, h, w = x.shape
     k = weight.shape[0]
-    stats = x.new_empty((k,), dtype=torch.float32)
+    stats = x.new_empty((k,), dtype=torch.float64)
     return _empty_nhwc((n, k, h, w), x), stats, torch.empty_like(stats)
 
 
-def _fake_bn_relu_pool(z, scale, shift, pool):
+def _fake_bn_relu_pool(z, mean, scale, beta, pool):
+    _check_devices("z", {"z": z, "mean": mean, "scale": scale, "beta": beta})
     n, k, h, w = z.shape
     return _empty_nhwc((n, k, h // 2, w // 2) if pool else (n, k, h, w), z)
 
 
-def _fake_bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool):
-    return _empty_nhwc(z.shape, z), torch.empty_like(gamma), torch.empty_like(beta)
+def _fake_bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool):
+    _check_devices("z", {"z": z, "grad_y": grad_y, "mean": mean, "invstd": invstd,
+                         "scale": scale, "beta": beta})
+    stats = mean.new_empty(mean.shape, dtype=torch.float32)
+    return _empty_nhwc(z.shape, z), stats, torch.empty_like(stats), torch.empty_like(stats)
 
 
 def _register_fakes() -> None:
@@ -155,9 +180,10 @@ def _register_fakes() -> None:
 
 # -- the backend ---------------------------------------------------------------------------------
 
-class NativeBackend:
+class NativeBackend(TorchGradients):
     """Ops registered by csrc/ under ``torch.ops.vgg_kernels``: fp32 on the CPU; fp32 (tf32 when
-    ``torch.backends.cudnn.allow_tf32``), fp16 and bf16 on CUDA GPUs of the built archs."""
+    ``torch.backends.cudnn.allow_tf32``), fp16 and bf16 on CUDA GPUs of the built archs. The
+    conv's gradients and the folded block's backward are PyTorch's (``TorchGradients``)."""
 
     name = "native"
 
@@ -194,14 +220,14 @@ class NativeBackend:
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.vgg_kernels.conv_bn_stats(x, weight, bias)
 
-    def bn_relu_pool(self, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                     pool: bool) -> torch.Tensor:
-        return torch.ops.vgg_kernels.bn_relu_pool(z, scale, shift, pool)
+    def bn_relu_pool(self, z: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                     beta: torch.Tensor, pool: bool) -> torch.Tensor:
+        return torch.ops.vgg_kernels.bn_relu_pool(z, mean, scale, beta, pool)
 
     def bn_relu_backward(self, grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
-                         invstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                         pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.ops.vgg_kernels.bn_relu_backward(grad_y, z, mean, invstd, gamma, beta, pool)
+                         invstd: torch.Tensor, scale: torch.Tensor, beta: torch.Tensor,
+                         pool: bool) -> tuple[torch.Tensor, ...]:
+        return torch.ops.vgg_kernels.bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool)
 
 
 BACKEND = NativeBackend()

@@ -37,13 +37,14 @@ def _cuda_reason(index: int) -> str | None:
 
 
 class TritonBackend:
-    """Implicit-GEMM Triton kernels (vgg_kernels/backends/triton/kernels.py, launched by
-    conv_bn_relu.py)."""
+    """Implicit-GEMM Triton kernels: the inference block (kernels.py, launched by
+    conv_bn_relu.py), the training block and the gradients (train_kernels.py, launched by
+    train.py)."""
 
     name = "triton"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype, op: str) -> str | None:
-        if op != "conv_bn_relu_infer":
+        if op not in ("conv_bn_relu_infer", "conv_bn_relu_train"):
             return f"has no {op} kernel"
         reason = _import_error()
         if reason is not None:
@@ -64,6 +65,47 @@ class TritonBackend:
         from vgg_kernels.backends.triton.conv_bn_relu import conv_bn_relu_infer
 
         return conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+    # The training block and the gradients: ops of train.py (see its docstring).
+
+    @staticmethod
+    def _ops() -> dict:
+        from vgg_kernels.backends.triton.train import OPS
+
+        return OPS
+
+    def conv_bn_stats(self, x, weight, bias):
+        return self._ops()["conv_bn_stats"](x, weight, bias)
+
+    def bn_relu_pool(self, z, mean, scale, beta, pool):
+        return self._ops()["bn_relu_pool"](z, mean, scale, beta, pool)
+
+    def bn_relu_backward(self, grad_y, z, mean, invstd, scale, beta, pool):
+        return self._ops()["bn_relu_backward"](grad_y, z, mean, invstd, scale, beta, pool)
+
+    def conv_dgrad(self, grad, weight, x_shape):
+        return self._ops()["conv_dgrad"](grad, None, None, None, None, weight, list(x_shape),
+                                         False, 0)
+
+    def conv_wgrad(self, grad, x, weight_shape):
+        return self._ops()["conv_wgrad"](grad, x, list(weight_shape))
+
+    def conv_bn_relu_infer_outputs(self, x, weight, scale, shift, pool, activation, codes):
+        from vgg_kernels.backends.reference import infer_outputs_reference
+        from vgg_kernels.backends.triton.train import _pool_extras_supported
+
+        if pool and activation and not _pool_extras_supported(x.shape[2], x.shape[3]):
+            return infer_outputs_reference(self.conv_bn_relu_infer, x, weight, scale, shift,
+                                           pool, activation, codes)
+        return self._ops()["infer_outputs"](x, weight, scale, shift, pool, activation, codes)
+
+    def relu_pool_backward(self, grad_y, mask, grad_a, act, scale, pool, shape):
+        return self._ops()["relu_pool_backward"](grad_y, mask, grad_a, act, scale, pool,
+                                                 list(shape))
+
+    def conv_dgrad_masked(self, grad_y, mask, grad_a, act, scale, weight, x_shape, pool):
+        return self._ops()["conv_dgrad"](grad_y, mask, grad_a, act, scale, weight,
+                                         list(x_shape), pool, 1)
 
 
 BACKEND = TritonBackend()

@@ -220,11 +220,41 @@ def _kernel_for_launch():
             options["cache_results"] = True  # keep the tuned choice across processes
         _autotuned_kernel = triton.autotune(
             configs=_autotune_configs(),
-            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK", "SEGMENTS"],
+            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK", "SEGMENTS",
+                 "STORE_ACTIVATION", "STORE_CODES"],
             prune_configs_by={"early_config_prune": _prune_configs},
             **options,
         )(conv_bn_relu_fwd_kernel)
     return _autotuned_kernel
+
+
+# The training forward's conv (EPILOGUE 1) runs pointer tiles of STATS_BLOCK_M rows only: its
+# per-tile statistics buffer then has the same shape whichever config the autotuner picks.
+STATS_BLOCK_M = 128
+_stats_kernel = None
+
+
+def stats_block_rows() -> int:
+    """Rows per tile of the training forward's conv: the statistics' tile size."""
+    return INTERPRETER_BLOCKS["BLOCK_M"] if interpreting() else STATS_BLOCK_M
+
+
+def _stats_kernel_for_launch():
+    """The autotuned training-forward conv: the pointer configs of STATS_BLOCK_M rows."""
+    global _stats_kernel
+    if _stats_kernel is None:
+        configs = [c for c in _autotune_configs()
+                   if not c.kwargs["USE_TMA"] and c.kwargs["BLOCK_M"] == STATS_BLOCK_M]
+        options = {}
+        if "cache_results" in triton.autotune.__code__.co_varnames:
+            options["cache_results"] = True
+        _stats_kernel = triton.autotune(
+            configs=configs,
+            key=["C", "H", "W", "K", "M_TOTAL", "R", "SEGMENTS", "EPILOGUE"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+            **options,
+        )(conv_bn_relu_fwd_kernel)
+    return _stats_kernel
 
 
 def last_tuned_config() -> dict | None:
@@ -388,11 +418,27 @@ def _flat_channels(x: torch.Tensor, weight: torch.Tensor) -> int:
     return c
 
 
+_DUMMIES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element stand-in for an output pointer the kernel does not write."""
+    key = (device, dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.empty(1, device=device, dtype=dtype)
+    return _DUMMIES[key]
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             pool: bool, y: torch.Tensor, launcher, config: dict | None = None,
-            segments: bool = False) -> None:
+            segments: bool = False, activation: torch.Tensor | None = None,
+            codes: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> None:
     """Launch over all of y; ``config`` (USE_TMA, BLOCK_*, num_warps, num_stages) bypasses
-    autotuning. ``segments``: x is ``_segment_copy`` of the input (from ``_prepare``)."""
+    autotuning. ``segments``: x is ``_segment_copy`` of the input (from ``_prepare``).
+    ``activation`` and ``codes`` (with pool, even H and W): the extra outputs of the input
+    gradient's forward (``kernels._store_rows``). ``stats``: the training forward's epilogue,
+    (3, tiles, K) fp32 per-tile statistics with shift the conv bias (pointer tiles of
+    ``stats_block_rows`` rows; no pool)."""
     n, c, h, w = x.shape
     k, r = weight.shape[0], weight.shape[-1]
     ho, wo = y.shape[2], y.shape[3]
@@ -404,13 +450,15 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
                          f"{c * h * w}, K*H*W = {k * h * w})")
     flat = weight.shape[1] if segments else _flat_channels(x, weight)
     interp = interpreting()
-    tma_ok = _tma_ok(x, weight, y, bool(flat))
+    tma_ok = stats is None and _tma_ok(x, weight, y, bool(flat))
     meta = dict(
         R=r, POOL=pool, FLAT_K=flat, SEGMENTS=segments, EVEN_C=False,
         INPUT_PRECISION=_input_precision(x.dtype),
         UPCAST=interp and x.dtype == torch.bfloat16, TMA_OK=tma_ok,
+        EPILOGUE=0 if stats is None else 1, STORE_ACTIVATION=activation is not None,
+        STORE_CODES=codes is not None,
     )
-    kernel = _kernel_for_launch()
+    kernel = _kernel_for_launch() if stats is None else _stats_kernel_for_launch()
     if interp or config is not None:
         kernel = conv_bn_relu_fwd_kernel
         blocks = {"USE_TMA": False, "BLOCK_H": 1, "BLOCK_W": 1, "PROGRAMS_PER_SM": 0,
@@ -443,6 +491,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
 
     launcher(kernel)[grid](
         x, weight, scale, shift, y,
+        y if activation is None else activation,
+        _dummy(x.device, torch.uint8) if codes is None else codes,
+        _dummy(x.device, torch.float32) if stats is None else stats,
         n, c, h, w, k, ho, wo, m_total,
         *_strides(x), *_strides(weight), *_strides(y),
         **meta,
@@ -559,6 +610,8 @@ def _register_op():
 
     @op.register_fake
     def _(x, weight, scale, shift, pool):
+        # a call mixing devices (meta and CPU, say) reaches this kernel: fail as the real one
+        check_infer_inputs(x, weight, scale, shift, pool)
         n, _, h, w = x.shape
         ho, wo = (h // 2, w // 2) if pool else (h, w)
         # as _prepare allocates it: the strides of size-1 dimensions decide later views

@@ -9,11 +9,62 @@ import triton.language as tl
 
 
 @triton.jit
+def _relu(v):
+    """ReLU that keeps NaN, as torch.relu does (``tl.maximum(v, 0)``, like the GPU's max
+    instruction, returns 0 for NaN)."""
+    return tl.where(v < 0.0, 0.0, v)
+
+
+@triton.jit
+def _max_keep_nan(x, axis: tl.constexpr):
+    """Max over ``axis`` that is NaN where any element is NaN (nn.MaxPool2d's semantics;
+    ``tl.max`` skips NaN): the sum of the NaN elements, 0 where there are none, is added."""
+    return tl.max(x, axis=axis) + tl.sum(tl.where(x != x, x, 0.0), axis=axis)
+
+
+@triton.jit
 def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
     """Folded BN (per output channel scale and shift) and ReLU on an fp32 tile."""
     scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-    return tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+    return _relu(acc * scale[None, :] + shift[None, :])
+
+
+@triton.jit
+def _window_code(a00, a01, a10, a11):
+    """The 2x2 windows' uint8 codes for the input gradient: the position (row-major) of the
+    first maximum, the element PyTorch's max-pool routes the gradient to, or 255 where that
+    maximum is not positive (the ReLU passes no gradient; NaN included). a**: the window's
+    activations as rounded to the output's type."""
+    best = tl.maximum(tl.maximum(a00, a01), tl.maximum(a10, a11))
+    code = tl.where(a00 == best, 0, tl.where(a01 == best, 1, tl.where(a10 == best, 2, 3)))
+    return tl.where(best > 0.0, code, 255).to(tl.uint8)
+
+
+@triton.jit
+def _window_quarters(x, OUTER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x: (4 * OUTER, BLOCK_N) as (dy, dx, j) row-major; its four (OUTER, BLOCK_N) slices in
+    window order (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1)."""
+    x = tl.permute(tl.reshape(x, (2, 2, OUTER, BLOCK_N)), (2, 3, 0, 1))
+    dx0, dx1 = tl.split(x)
+    a00, a10 = tl.split(dx0)
+    a01, a11 = tl.split(dx1)
+    return a00, a01, a10, a11
+
+
+@triton.jit
+def _tile_stats(z, row_ok, stats_ptr, pid_m, cols, col_ok, K, TILES):
+    """A tile's share of the batch statistics, per channel: z0, its first row's value (a value
+    of the distribution), and the sums of z - z0 and (z - z0)^2 over its valid rows, written to
+    stats[s, pid_m, k] for s = 0, 1, 2. The launcher merges the tiles with Chan's formula in
+    fp64: no E[z^2] - E[z]^2, no atomics."""
+    rows = tl.arange(0, z.shape[0])
+    z0 = tl.sum(tl.where((rows == 0)[:, None], z, 0.0), axis=0)
+    d = tl.where(row_ok[:, None], z - z0[None, :], 0.0)
+    out = stats_ptr + pid_m.to(tl.int64) * K + cols
+    tl.store(out, z0, mask=col_ok)
+    tl.store(out + TILES * K, tl.sum(d, axis=0), mask=col_ok)
+    tl.store(out + 2 * TILES * K, tl.sum(d * d, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -118,19 +169,32 @@ def _flat_weights(w_ptr, cols, col_ok, stride_wk, stride_wc, stride_wr, stride_w
 
 
 @triton.jit
-def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
-                stride_yn, stride_yc, stride_yh, stride_yw,
-                POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLIT32: tl.constexpr):
-    """Store pointer tile ``pid_m`` (rows as in ``_tile_rows``), max-pooled first with POOL."""
+def _store_rows(acc, y_ptr, a_ptr, code_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL,
+                K, HO, WO, stride_yn, stride_yc, stride_yh, stride_yw,
+                POOL: tl.constexpr, STORE_ACTIVATION: tl.constexpr, STORE_CODES: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT32: tl.constexpr):
+    """Store pointer tile ``pid_m`` (rows as in ``_tile_rows``), max-pooled first with POOL.
+    With POOL, STORE_ACTIVATION also stores the full-resolution activation (a feature tap;
+    a_ptr: (N, 2 HO, 2 WO, K) contiguous) and STORE_CODES each window's ``_window_code``
+    (code_ptr: uint8 (N, HO, WO, K) contiguous)."""
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
     if POOL:
-        # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
-        acc = tl.max(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), axis=0)
+        if STORE_ACTIVATION:
+            a_ptrs = a_ptr + (((n * 2 * HO + oh) * 2 * WO + ow) * K)[:, None] + cols[None, :]
+            tl.store(a_ptrs, acc.to(a_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
         first = pid_m.to(tl.int64) * ROWS_OUT
         local = tl.arange(0, ROWS_OUT)
         pixel_ok = first + local < M_TOTAL
         yn, yh, yw = _split_pixels(first, local, HO, WO, SPLIT32)
+        if STORE_CODES:
+            rounded = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            a00, a01, a10, a11 = _window_quarters(rounded, ROWS_OUT, BLOCK_N)
+            c_ptrs = code_ptr + (((yn * HO + yh) * WO + yw) * K)[:, None] + cols[None, :]
+            tl.store(c_ptrs, _window_code(a00, a01, a10, a11),
+                     mask=pixel_ok[:, None] & col_ok[None, :])
+        # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
+        acc = _max_keep_nan(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), 0)
     else:
         pixel_ok = row_ok
         yn = n
@@ -142,8 +206,32 @@ def _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO,
 
 
 @triton.jit
+def _epilogue(acc, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr, pid_m, n, oh, ow,
+              row_ok, cols, col_ok, M_TOTAL, K, HO, WO,
+              stride_yn, stride_yc, stride_yh, stride_yw,
+              EPILOGUE: tl.constexpr, POOL: tl.constexpr, STORE_ACTIVATION: tl.constexpr,
+              STORE_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SPLIT32: tl.constexpr):
+    """EPILOGUE 0 (inference): folded BN and ReLU, then ``_store_rows``. EPILOGUE 1 (the
+    training forward; no POOL): z = acc + bias (shift_ptr) stored to y_ptr, and the tile's
+    statistics (``_tile_stats``; BLOCK_M-row tiles, one per pid_m)."""
+    if EPILOGUE == 1:
+        bias = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        z = acc + bias[None, :]
+        _store_rows(z, y_ptr, a_ptr, code_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL,
+                    K, HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, False, False, False,
+                    BLOCK_M, BLOCK_N, SPLIT32)
+        _tile_stats(z, row_ok, stats_ptr, pid_m, cols, col_ok, K, tl.cdiv(M_TOTAL, BLOCK_M))
+    else:
+        acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
+        _store_rows(acc, y_ptr, a_ptr, code_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok,
+                    M_TOTAL, K, HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, POOL,
+                    STORE_ACTIVATION, STORE_CODES, BLOCK_M, BLOCK_N, SPLIT32)
+
+
+@triton.jit
 def _pointer_tile(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr,
     C, H, W, K, HO, WO, M_TOTAL,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
@@ -151,6 +239,7 @@ def _pointer_tile(
     pid_m, pid_n,
     R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
     EVEN_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EPILOGUE: tl.constexpr, STORE_ACTIVATION: tl.constexpr, STORE_CODES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Tile ``pid_m`` of BLOCK_M rows (see ``_tile_rows``) by BLOCK_N output channels, loaded
@@ -203,20 +292,22 @@ def _pointer_tile(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
-    _store_rows(acc, y_ptr, pid_m, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, HO, WO,
-                stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N, SEGMENTS)
+    _epilogue(acc, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr, pid_m, n, oh, ow,
+              row_ok, cols, col_ok, M_TOTAL, K, HO, WO, stride_yn, stride_yc, stride_yh,
+              stride_yw, EPILOGUE, POOL, STORE_ACTIVATION, STORE_CODES, BLOCK_M, BLOCK_N,
+              SEGMENTS)
 
 
 @triton.jit
 def _flat_persistent_tiles(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr,
     H, W, K, HO, WO, M_TOTAL,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
     stride_yn, stride_yc, stride_yh, stride_yw,
     R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    EPILOGUE: tl.constexpr, STORE_ACTIVATION: tl.constexpr, STORE_CODES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Pointer tiles p, p + P, ... of a one-step flattened reduction (R*R*C <= BLOCK_K: the
@@ -247,10 +338,10 @@ def _flat_persistent_tiles(
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
-        acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok)
-        _store_rows(acc, y_ptr, tile_id // num_n, n, oh, ow, row_ok, cols, col_ok, M_TOTAL,
-                    HO, WO, stride_yn, stride_yc, stride_yh, stride_yw, POOL, BLOCK_M, BLOCK_N,
-                    SEGMENTS)
+        _epilogue(acc, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr,
+                  tile_id // num_n, n, oh, ow, row_ok, cols, col_ok, M_TOTAL, K, HO, WO,
+                  stride_yn, stride_yc, stride_yh, stride_yw, EPILOGUE, POOL, STORE_ACTIVATION,
+                  STORE_CODES, BLOCK_M, BLOCK_N, SEGMENTS)
         a = a_next
         n = n2
         oh = oh2
@@ -259,11 +350,35 @@ def _flat_persistent_tiles(
 
 
 @triton.jit
+def _store_tile_codes(rounded, code_ptr, image, ph0, pw0, cols, N, HO, WO, K,
+                      BLOCK_I: tl.constexpr, OUT_H: tl.constexpr, OUT_W: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """The ``_window_code`` of every window of a descriptor tile (rows (image, h, w)
+    row-major, activations rounded to the output's type), stored through pointers at pooled
+    position (image, ph0, pw0) onwards, clipped at the output's edges."""
+    x = tl.reshape(rounded, (BLOCK_I * OUT_H, 2, OUT_W, 2, BLOCK_N))
+    x = tl.permute(x, (0, 2, 4, 1, 3))  # (.., dy, dx) last
+    dx0, dx1 = tl.split(x)
+    a00, a10 = tl.split(dx0)
+    a01, a11 = tl.split(dx1)
+    codes = tl.reshape(_window_code(a00, a01, a10, a11), (BLOCK_I * OUT_H * OUT_W, BLOCK_N))
+    rows = tl.arange(0, BLOCK_I * OUT_H * OUT_W)
+    n = image + rows // (OUT_H * OUT_W)
+    ph = ph0 + (rows // OUT_W) % OUT_H
+    pw = pw0 + rows % OUT_W
+    ok = (n < N) & (ph < HO) & (pw < WO)
+    offsets = ((n.to(tl.int64) * HO + ph) * WO + pw) * K
+    tl.store(code_ptr + offsets[:, None] + cols[None, :], codes,
+             mask=ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
 def _tma_tiles(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr,
     N, C, H, W, K, HO, WO,
     stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
     R: tl.constexpr, POOL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_ACTIVATION: tl.constexpr, STORE_CODES: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, FLATTEN: tl.constexpr,
 ):
@@ -282,6 +397,10 @@ def _tma_tiles(
     the loop has no index arithmetic and no masks. BLOCK_K divides C, so a weight tile never
     crosses into the next tap; weight rows past K load as zeros. The store clips the tile at the
     output's edges, which also gives MaxPool2d's floor for odd H and W.
+
+    With POOL (and even H and W), STORE_ACTIVATION also stores the full-resolution activation
+    through a descriptor of a_ptr ((N, H, W, K) contiguous), and STORE_CODES each window's
+    ``_window_code`` to code_ptr (uint8 (N, HO, WO, K) contiguous).
     """
     PAD: tl.constexpr = R // 2
     BLOCK_M: tl.constexpr = BLOCK_I * BLOCK_H * BLOCK_W
@@ -296,6 +415,10 @@ def _tma_tiles(
     y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, HO, WO, K],
                                        strides=[stride_yn, stride_yh, stride_yw, 1],
                                        block_shape=[BLOCK_I, OUT_H, OUT_W, BLOCK_N])
+    if STORE_ACTIVATION:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[N, H, W, K],
+                                           strides=[H * W * K, W * K, K, 1],
+                                           block_shape=[BLOCK_I, BLOCK_H, BLOCK_W, BLOCK_N])
     rows_conv = 2 * HO if POOL else H  # conv output rows (columns) the output needs
     tiles_w = tl.cdiv(2 * WO if POOL else W, BLOCK_W)
     tiles_per_image = tl.cdiv(rows_conv, BLOCK_H) * tiles_w
@@ -330,9 +453,17 @@ def _tma_tiles(
         cols = n0 + tl.arange(0, BLOCK_N)
         acc = _bn_relu(acc, scale_ptr, shift_ptr, cols, cols < K)
         if POOL:
+            if STORE_ACTIVATION:
+                a_desc.store([image, h0, w0, n0],
+                             tl.reshape(acc.to(a_ptr.dtype.element_ty),
+                                        (BLOCK_I, BLOCK_H, BLOCK_W, BLOCK_N)))
+            if STORE_CODES:
+                _store_tile_codes(acc.to(y_ptr.dtype.element_ty).to(tl.float32), code_ptr,
+                                  image, h0 // 2, w0 // 2, cols, N, HO, WO, K, BLOCK_I, OUT_H,
+                                  OUT_W, BLOCK_N)
             # rows are (image, h, w) in the tile, row-major: max over the 2x2 windows
             acc = tl.reshape(acc, (BLOCK_I * OUT_H, 2, OUT_W, 2, BLOCK_N))
-            acc = tl.max(tl.max(acc, axis=3), axis=1)
+            acc = _max_keep_nan(_max_keep_nan(acc, 3), 1)
         out = tl.reshape(acc.to(y_ptr.dtype.element_ty), (BLOCK_I, OUT_H, OUT_W, BLOCK_N))
         y_desc.store([image, h0 * OUT_H // BLOCK_H, w0 * OUT_W // BLOCK_W, n0], out)
 
@@ -340,7 +471,7 @@ def _tma_tiles(
 @triton.jit
 def conv_bn_relu_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr,
     # sizes
     N, C, H, W, K, HO, WO, M_TOTAL,
     # strides (elements)
@@ -350,7 +481,8 @@ def conv_bn_relu_fwd_kernel(
     # meta-parameters
     R: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, SEGMENTS: tl.constexpr,
     EVEN_C: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA_OK: tl.constexpr,
+    TMA_OK: tl.constexpr, EPILOGUE: tl.constexpr, STORE_ACTIVATION: tl.constexpr,
+    STORE_CODES: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -368,15 +500,24 @@ def conv_bn_relu_fwd_kernel(
     descriptors; otherwise rows are gathered through masked pointers. PROGRAMS_PER_SM > 0 makes
     the grid persistent (that many programs per SM, sized in ``_launch``, each looping over
     tiles); 0 runs one program per tile.
+
+    EPILOGUE 0 is the inference block; with POOL (H and W even), STORE_ACTIVATION also writes
+    the full-resolution activation to a_ptr and STORE_CODES each window's pool code to
+    code_ptr (see ``_store_rows``). EPILOGUE 1 is the training forward's conv (pointer tiles,
+    no POOL): z = conv + bias (shift_ptr) to y_ptr and each BLOCK_M-row tile's statistics to
+    stats_ptr (``_tile_stats``).
     """
     if USE_TMA:
         tl.static_assert(TMA_OK, "USE_TMA needs TMA_OK")
+        tl.static_assert(EPILOGUE == 0, "the descriptor tiles run the inference epilogue")
         tl.static_assert(BLOCK_M % (BLOCK_H * BLOCK_W) == 0,
                          "BLOCK_M must be a multiple of BLOCK_H * BLOCK_W")
-        _tma_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, N, C, H, W, K, HO, WO,
+        _tma_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr,
+                   N, C, H, W, K, HO, WO,
                    stride_xn, stride_xh, stride_xw, stride_yn, stride_yh, stride_yw,
-                   R, POOL, INPUT_PRECISION, UPCAST, BLOCK_M // (BLOCK_H * BLOCK_W), BLOCK_H,
-                   BLOCK_W, BLOCK_N, BLOCK_K, PROGRAMS_PER_SM == 1)
+                   R, POOL, INPUT_PRECISION, UPCAST, STORE_ACTIVATION, STORE_CODES,
+                   BLOCK_M // (BLOCK_H * BLOCK_W), BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K,
+                   PROGRAMS_PER_SM == 1)
     else:
         num_n = tl.cdiv(K, BLOCK_N)
         # Programs that share an M tile run next to each other: the input tile is read from L2.
@@ -384,27 +525,33 @@ def conv_bn_relu_fwd_kernel(
         # flattened reduction each program gathers the next tile's input ahead of time.
         REDUCTION: tl.constexpr = R * 16 if SEGMENTS else R * R * FLAT_K
         if PROGRAMS_PER_SM > 0 and FLAT_K and REDUCTION <= BLOCK_K:
-            _flat_persistent_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, H, W, K, HO, WO,
+            _flat_persistent_tiles(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr,
+                                   stats_ptr, H, W, K, HO, WO,
                                    M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
                                    stride_wk, stride_wc, stride_wr, stride_ws,
                                    stride_yn, stride_yc, stride_yh, stride_yw,
                                    R, POOL, FLAT_K, SEGMENTS, INPUT_PRECISION, UPCAST,
+                                   EPILOGUE, STORE_ACTIVATION, STORE_CODES,
                                    BLOCK_M, BLOCK_N, BLOCK_K)
         elif PROGRAMS_PER_SM > 0:
             rows_out: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
             num_tiles = tl.cdiv(M_TOTAL, rows_out) * num_n
             for tile_id in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-                _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO,
+                _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr,
+                              stats_ptr, C, H, W, K, HO, WO,
                               M_TOTAL, stride_xn, stride_xc, stride_xh, stride_xw,
                               stride_wk, stride_wc, stride_wr, stride_ws,
                               stride_yn, stride_yc, stride_yh, stride_yw,
                               tile_id // num_n, tile_id % num_n, R, POOL, FLAT_K, SEGMENTS,
-                              EVEN_C, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                              EVEN_C, INPUT_PRECISION, UPCAST, EPILOGUE, STORE_ACTIVATION,
+                              STORE_CODES, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             pid = tl.program_id(0)
-            _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, C, H, W, K, HO, WO, M_TOTAL,
+            _pointer_tile(x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, a_ptr, code_ptr, stats_ptr,
+                          C, H, W, K, HO, WO, M_TOTAL,
                           stride_xn, stride_xc, stride_xh, stride_xw,
                           stride_wk, stride_wc, stride_wr, stride_ws,
                           stride_yn, stride_yc, stride_yh, stride_yw,
                           pid // num_n, pid % num_n, R, POOL, FLAT_K, SEGMENTS, EVEN_C,
-                          INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                          INPUT_PRECISION, UPCAST, EPILOGUE, STORE_ACTIVATION, STORE_CODES,
+                          BLOCK_M, BLOCK_N, BLOCK_K)
