@@ -34,20 +34,44 @@ def test_parameter_counts_match_the_table(config):
     assert count(FusedVGG(config, init_weights=False)) == PARAMETER_COUNTS_BN[config]
 
 
-def test_a_lrn_has_lrn_after_first_block_and_the_same_parameters_as_a():
+def test_a_lrn_has_lrn_after_the_first_relu_and_the_same_parameters_as_a():
     model = FusedVGG("A-LRN", init_weights=False)
-    first, second, third = model.features[:3]
-    assert isinstance(first, FusedConvBNReLU) and not first.pool
-    assert isinstance(second, nn.LocalResponseNorm)
-    assert (second.size, second.alpha, second.beta, second.k) == (5, 1e-4, 0.75, 2.0)
-    assert isinstance(third, nn.MaxPool2d)
+    types = [type(m) for m in model.features[:5]]
+    assert types == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.LocalResponseNorm, nn.MaxPool2d]
+    lrn = model.features[3]
+    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 2.0)
     assert count(model) == PARAMETER_COUNTS_BN["A"]
 
 
 def test_config_c_has_three_1x1_convolutions():
     model = FusedVGG("C", init_weights=False)
-    sizes = [b.kernel_size for b in model.features if isinstance(b, FusedConvBNReLU)]
+    sizes = [m.kernel_size[0] for m in model.features if isinstance(m, nn.Conv2d)]
     assert sizes.count(1) == 3 and sizes.count(3) == 10
+
+
+@pytest.mark.parametrize("name", sorted(TV_BUILDERS))
+def test_module_tree_is_torchvisions(name):
+    """Names, types and order of every module, parameter and buffer are torchvision's: no key
+    mapping anywhere, so name-based parameter groups and index-based freezing work."""
+    config, bn = TORCHVISION_NAMES[name]
+    ours = FusedVGG(config, batch_norm=bn, init_weights=False)
+    theirs = TV_BUILDERS[name](weights=None, init_weights=False)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    names_ours = {n: type(m) for n, m in ours.named_modules() if n}
+    names_theirs = {n: type(m) for n, m in theirs.named_modules() if n}
+    assert names_ours.keys() == names_theirs.keys()
+    for n, kind in names_theirs.items():
+        if n != "features":  # ours is a FusedSequential, an nn.Sequential subclass
+            assert names_ours[n] is kind, n
+    assert isinstance(ours.features, nn.Sequential)
+    for i, module in enumerate(theirs.features):
+        assert repr(ours.features[i]) == repr(module), i
+
+
+def test_block_module_stays_public():
+    block = FusedConvBNReLU(3, 8, pool=True)
+    assert isinstance(block.conv, nn.Conv2d) and isinstance(block.bn, nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize("name", sorted(TV_BUILDERS))
@@ -110,12 +134,12 @@ def test_eager_vgg_loads_fused_state_dict(config, batch_norm):
 
 def test_weight_init_follows_torchvision():
     model = FusedVGG("A")
-    block = model.features[0]
+    conv, bn = model.features[0], model.features[1]
     fan_out = 64 * 9
-    std = block.conv.weight.std().item()
+    std = conv.weight.std().item()
     assert abs(std - (2.0 / fan_out) ** 0.5) < 0.25 * (2.0 / fan_out) ** 0.5
-    assert torch.all(block.conv.bias == 0) and torch.all(block.bn.weight == 1)
-    assert torch.all(block.bn.bias == 0)
+    assert torch.all(conv.bias == 0) and torch.all(bn.weight == 1)
+    assert torch.all(bn.bias == 0)
     linear = model.classifier[0]
     assert abs(linear.weight.std().item() - 0.01) < 1e-3 and torch.all(linear.bias == 0)
 

@@ -2,8 +2,8 @@
 
 from vgg_kernels import ops
 from vgg_kernels.backends import BACKEND_ENV, BackendFallbackWarning, available_backends
-from vgg_kernels.layers import FusedConvBNReLU
-from vgg_kernels.models import CONFIGS, FusedVGG, make_eager_vgg
+from vgg_kernels.layers import FusedConvBNReLU, FusedSequential
+from vgg_kernels.models import CONFIGS, FusedVGG, VGGFeatures, make_eager_vgg
 
 __version__ = "0.1.0"
 
@@ -12,7 +12,9 @@ __all__ = [
     "BackendFallbackWarning",
     "CONFIGS",
     "FusedConvBNReLU",
+    "FusedSequential",
     "FusedVGG",
+    "VGGFeatures",
     "available_backends",
     "make_eager_vgg",
     "ops",

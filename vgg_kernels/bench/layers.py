@@ -36,7 +36,7 @@ from vgg_kernels.bench.timing import (
     time_calls,
     time_first_call,
 )
-from vgg_kernels.layers import FusedConvBNReLU
+from vgg_kernels.layers import Run, find_runs
 from vgg_kernels.models.vgg import FusedVGG, parse_config
 
 
@@ -78,15 +78,17 @@ def layer_specs(config: str, resolution: int) -> list[LayerSpec]:
         model = FusedVGG(config, init_weights=False)
     specs: list[LayerSpec] = []
     size, stage, within = resolution, 1, 0
-    for module in model.features:
-        if isinstance(module, FusedConvBNReLU):
+    modules = list(model.features)
+    for step in find_runs(modules):
+        if isinstance(step, Run):
             within += 1
-            specs.append(LayerSpec(f"conv{stage}_{within}", len(specs), module.in_channels,
-                                   module.out_channels, module.kernel_size, size, size,
-                                   module.pool, batch_norm))
-            if module.pool:
+            conv = step.conv
+            specs.append(LayerSpec(f"conv{stage}_{within}", len(specs), conv.in_channels,
+                                   conv.out_channels, conv.kernel_size[0], size, size,
+                                   step.pool is not None, batch_norm))
+            if step.pool is not None:
                 size, stage, within = size // 2, stage + 1, 0
-        elif isinstance(module, nn.MaxPool2d):
+        elif isinstance(modules[step], nn.MaxPool2d):
             size, stage, within = size // 2, stage + 1, 0
     if size < 1:
         raise ValueError(f"resolution must be at least {2 ** (stage - 1)} for config {letter!r} "

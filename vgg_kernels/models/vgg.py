@@ -1,5 +1,6 @@
-"""VGG configurations A, A-LRN, B, C, D, E (Simonyan & Zisserman) as FusedVGG, with torchvision's
-state_dict layout, plus the plain eager model with the same layout (``make_eager_vgg``)."""
+"""VGG configurations A, A-LRN, B, C, D, E (Simonyan & Zisserman) as FusedVGG, torchvision's
+module tree with a fused executor, plus the plain eager model with the same layout
+(``make_eager_vgg``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from vgg_kernels import ops
 from vgg_kernels.backends import check_backend_name
-from vgg_kernels.layers import FusedConvBNReLU
+from vgg_kernels.layers import FusedSequential, _tracing
 
 # An int is a 3x3 conv with that many output channels, (k, 1) a 1x1 conv, "M" a 2x2/2 max-pool,
 # "LRN" LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2).
@@ -104,12 +105,36 @@ def _check_common_args(num_classes: int, dropout: float) -> None:
         raise ValueError(f"dropout must be in [0, 1] (got {dropout!r})")
 
 
+def make_layers(config: str, batch_norm: bool) -> list[nn.Module]:
+    """torchvision's ``features`` layer list for a config letter: Conv2d (3x3 padding 1, or
+    1x1), BatchNorm2d when ``batch_norm``, ReLU(inplace=True), LocalResponseNorm, and
+    MaxPool2d(2, 2), in torchvision's order (so its indices and state_dict keys)."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for kind, arg in _layer_specs(config):
+        if kind == "conv":
+            out, k, _ = arg
+            layers.append(nn.Conv2d(in_ch, out, k, padding=k // 2))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = out
+        elif kind == "lrn":
+            layers.append(_make_lrn())
+        else:
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return layers
+
+
 class FusedVGG(nn.Module):
-    """VGG with every conv + BN + ReLU (+ following max-pool) run as one fused block.
+    """VGG whose every conv + BN + ReLU (+ following max-pool) runs as one fused block.
 
     ``FusedVGG('D')`` is torchvision's ``vgg16_bn``; ``FusedVGG('D', batch_norm=False)`` or
-    ``FusedVGG('vgg16')`` its ``vgg16``. The state_dict has torchvision's keys and shapes, so
-    torchvision checkpoints load with ``strict=True`` and ours load into torchvision.
+    ``FusedVGG('vgg16')`` its ``vgg16``. The module tree is torchvision's: ``features`` holds
+    the same ``Conv2d``, ``BatchNorm2d``, ``ReLU`` and ``MaxPool2d`` modules at the same indices
+    (a ``FusedSequential``, which executes the runs fused, in any slice), then ``avgpool`` and
+    ``classifier``; parameter and buffer names, state_dict keys, hooks and feature extraction
+    are torchvision's. A-LRN and C follow the same layout rules.
 
     Input: (N, 3, H, W) with H, W >= 32 (five 2x2 pools); it is converted to channels_last once.
     Output: (N, num_classes) logits.
@@ -121,57 +146,29 @@ class FusedVGG(nn.Module):
         super().__init__()
         self.config, self.batch_norm = parse_config(config, batch_norm)
         _check_common_args(num_classes, dropout)
-        self.backend = check_backend_name(backend)
         self.in_channels = 3
-        features: list[nn.Module] = []
-        # (our module index, torchvision index of the conv) for every fused block
-        self._key_map: list[tuple[int, int]] = []
-        tv_index, in_ch, skip_pool = 0, 3, False
-        for kind, arg in _layer_specs(self.config):
-            if kind == "conv":
-                out, k, pool_follows = arg
-                # A-LRN's LRN sits between the first conv and its pool: keep that pool separate.
-                fuse_pool = pool_follows
-                features.append(FusedConvBNReLU(in_ch, out, k, batch_norm=self.batch_norm,
-                                                pool=fuse_pool, backend=backend))
-                self._key_map.append((len(features) - 1, tv_index))
-                tv_index += 3 if self.batch_norm else 2
-                skip_pool, in_ch = fuse_pool, out
-            elif kind == "lrn":
-                features.append(_make_lrn())
-                tv_index += 1
-            else:
-                if not skip_pool:
-                    features.append(nn.MaxPool2d(kernel_size=2, stride=2))
-                tv_index += 1
-                skip_pool = False
+        self.features = FusedSequential(*make_layers(self.config, self.batch_norm),
+                                        backend=backend)
         self.num_pools = sum(1 for item in CONFIGS[self.config] if item == "M")
-        self.features = nn.Sequential(*features)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = _make_classifier(num_classes, dropout)
         if init_weights:
             _init_weights(self)
-        self._register_state_dict_hook(_to_torchvision_keys)
-        self._register_load_state_dict_pre_hook(self._from_torchvision_keys)
 
-    # -- state_dict layout -------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The kernels ``features`` runs on: ``'auto'``, ``'triton'``, ``'native'`` or
+        ``'reference'`` (settable)."""
+        return self.features.backend
 
-    def _key_pairs(self) -> list[tuple[str, str]]:
-        """(our sub-module prefix, torchvision prefix) pairs, relative to the model."""
-        pairs = []
-        for ours, tv in self._key_map:
-            pairs.append((f"features.{ours}.conv", f"features.{tv}"))
-            if self.batch_norm:
-                pairs.append((f"features.{ours}.bn", f"features.{tv + 1}"))
-        return pairs
-
-    def _from_torchvision_keys(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                               unexpected_keys, error_msgs) -> None:
-        _rename_keys(state_dict, prefix, {tv: ours for ours, tv in self._key_pairs()})
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.features.backend = check_backend_name(name)
 
     @classmethod
     def from_torchvision(cls, model: nn.Module, *, backend: str = "auto") -> FusedVGG:
-        """Convert one of torchvision's eight VGGs (weights and BN buffers included)."""
+        """Convert one of torchvision's eight VGGs: weights, BN buffers and options, device and
+        dtype, each parameter's ``requires_grad`` and each module's train/eval mode."""
         features = getattr(model, "features", None)
         classifier = getattr(model, "classifier", None)
         if not isinstance(features, nn.Sequential) or not isinstance(classifier, nn.Sequential):
@@ -186,14 +183,18 @@ class FusedVGG(nn.Module):
         dropout = next((m.p for m in classifier if isinstance(m, nn.Dropout)), 0.5)
         fused = cls(by_depth[len(convs)], batch_norm=has_bn, num_classes=last.out_features,
                     dropout=dropout, init_weights=False, backend=backend)
-        bns = [m for m in features if isinstance(m, nn.BatchNorm2d)]
-        blocks = [b for b in fused.features if isinstance(b, FusedConvBNReLU)]
-        for block, bn in zip(blocks, bns, strict=False):  # bns is empty without BN
-            block.bn.eps, block.bn.momentum = bn.eps, bn.momentum
+        ours = dict(fused.named_modules())
+        for name, module in model.named_modules():
+            if isinstance(module, nn.BatchNorm2d) and name in ours:
+                ours[name].eps, ours[name].momentum = module.eps, module.momentum
         reference = next(iter(model.parameters()))
         fused.to(device=reference.device, dtype=reference.dtype)
         fused.load_state_dict(model.state_dict(), strict=True)
-        fused.train(model.training)
+        for theirs, param in zip(model.parameters(), fused.parameters(), strict=True):
+            param.requires_grad_(theirs.requires_grad)
+        for name, module in model.named_modules():
+            if name in ours:
+                ours[name].training = module.training
         return fused
 
     # -- forward ----------------------------------------------------------------------------
@@ -226,40 +227,24 @@ class FusedVGG(nn.Module):
                              f"({self.num_pools} max-pools); got {x.shape[2]}x{x.shape[3]}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if not _tracing():  # tracers record torchvision's graph: modules and flatten only
+            self.check_input(x)
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.features(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
 
-
-def _rename_keys(state_dict, prefix: str, mapping: dict[str, str]) -> None:
-    """Rename ``prefix + old + '.'...`` keys (and metadata) to ``new``, keeping the order."""
-    def rename(key: str) -> str:
-        if not key.startswith(prefix):
-            return key
-        rest = key[len(prefix):]
-        module, dot, leaf = rest.rpartition(".")
-        head = module if dot else rest
-        if head in mapping:
-            return prefix + mapping[head] + (dot + leaf if dot else "")
-        return key
-
-    items = list(state_dict.items())
-    state_dict.clear()
-    for key, value in items:
-        state_dict[rename(key)] = value
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        for key in list(metadata):
-            full = key + "." if key else ""
-            if full.startswith(prefix) and key[len(prefix):] in mapping:
-                metadata[prefix + mapping[key[len(prefix):]]] = metadata[key]
-
-
-def _to_torchvision_keys(module: FusedVGG, state_dict, prefix: str, local_metadata) -> None:
-    _rename_keys(state_dict, prefix, dict(module._key_pairs()))
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles the plain eager model over the same modules (the
+        fused executor is Python); ``torch.export`` keeps working on the model itself."""
+        plain = nn.Sequential(OrderedDict([
+            ("features", nn.Sequential(OrderedDict(self.features._modules))),
+            ("avgpool", self.avgpool),
+            ("flatten", nn.Flatten(1)),
+            ("classifier", self.classifier),
+        ]))
+        return plain
 
 
 def make_eager_vgg(config: str = "D", *, batch_norm: bool | None = None,
@@ -270,22 +255,8 @@ def make_eager_vgg(config: str = "D", *, batch_norm: bool | None = None,
     state_dict with ``strict=True``."""
     letter, bn = parse_config(config, batch_norm)
     _check_common_args(num_classes, dropout)
-    layers: list[nn.Module] = []
-    in_ch = 3
-    for kind, arg in _layer_specs(letter):
-        if kind == "conv":
-            out, k, _ = arg
-            layers.append(nn.Conv2d(in_ch, out, k, padding=k // 2))
-            if bn:
-                layers.append(nn.BatchNorm2d(out))
-            layers.append(nn.ReLU(inplace=True))
-            in_ch = out
-        elif kind == "lrn":
-            layers.append(_make_lrn())
-        else:
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
     model = nn.Sequential(OrderedDict([
-        ("features", nn.Sequential(*layers)),
+        ("features", nn.Sequential(*make_layers(letter, bn))),
         ("avgpool", nn.AdaptiveAvgPool2d((7, 7))),
         ("flatten", nn.Flatten(1)),
         ("classifier", _make_classifier(num_classes, dropout)),
