@@ -9,9 +9,13 @@
 # which is a no-op on a warm machine, and the benchmarks).
 #
 # Every step runs under `timeout` (LIMIT_BUILD, LIMIT_TESTS, LIMIT_NATIVE_PREFLIGHT,
-# LIMIT_TRITON_PREFLIGHT, LIMIT_LAYERS, LIMIT_MODEL, LIMIT_NATIVE_AUTO, LIMIT_FIRST_ALT, LIMIT_NATIVE_WGMMA,
-# LIMIT_NATIVE_HALO, LIMIT_NATIVE_HALO_T seconds override the defaults) and logs to
-# $OUT/log.txt; a failing step does not stop the next.
+# LIMIT_TRITON_PREFLIGHT, LIMIT_MEMORY, LIMIT_PERCEPTUAL, LIMIT_LAYERS_TRAIN, LIMIT_MODEL,
+# LIMIT_LAYERS, LIMIT_NATIVE_AUTO, LIMIT_FIRST_ALT, LIMIT_NATIVE_WGMMA, LIMIT_NATIVE_HALO,
+# LIMIT_NATIVE_HALO_T seconds override the defaults) and logs to $OUT/log.txt; a failing step
+# does not stop the next. STEP_BUDGET bounds the whole pass (seconds since the script started;
+# default 510 with --part bench, so that the pass and its summary fit one 600 s device call;
+# none otherwise): a step's limit is cut to what is left of it, and a step with under 20 s left
+# does not start (recorded as exit 124, as a timeout).
 # $OUT/device_check.json records each step's status and time; the benchmark steps write their
 # own JSON next to it. The last lines printed are the summary table.
 set -u
@@ -39,10 +43,22 @@ export MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=()
+if [ "$PART" = bench ]; then STEP_BUDGET=${STEP_BUDGET:-510}; else STEP_BUDGET=${STEP_BUDGET:-0}; fi
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ "$STEP_BUDGET" -gt 0 ]; then
+        local left=$((STEP_BUDGET - SECONDS))
+        if [ "$left" -lt 20 ]; then
+            LAST_RC=124
+            STEPS+=("$name 124 0")
+            echo "=== $name: not started, ${left}s left of STEP_BUDGET=${STEP_BUDGET}s" >>"$LOG"
+            echo "[$(date +%H:%M:%S)] $name: not started (STEP_BUDGET ${STEP_BUDGET}s spent)"
+            return
+        fi
+        [ "$limit" -gt "$left" ] && limit=$left
+    fi
     echo "=== $name (limit ${limit}s): $*" >>"$LOG"
     local began=$SECONDS
     timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -80,11 +96,15 @@ if [ "$PART" != bench ]; then
         --shards "${GPU_TEST_SHARDS:-8}" --junitxml "$OUT/gpu-tests.xml" tests
 fi
 
-# 4. benchmarks: every VGG16 block (batch 64, 224x224, bf16) against cuDNN eager and
-# torch.compile (default mode per block: max-autotune per block alone outlasts the lease), then
-# the whole model, where torch.compile runs in max-autotune-no-cudagraphs mode, then the
-# opt-in and alternative kernels (most needed first: the step limits add up to 950 s, so a
-# call cut short loses the least; at c0bb73a on an H200 the first two took 67 and 108 s).
+# 4. benchmarks, most needed first (the step limits add up to far more than one 600 s call, so
+# a call cut short loses the least): after the preflights, the training and perceptual-loss
+# suites (memory of a training step, perceptual loss, each block's forward + backward), then the
+# whole model (inference and the autocast training step; torch.compile in
+# max-autotune-no-cudagraphs mode), then every VGG16 block's inference (batch 64, 224x224, bf16)
+# against cuDNN eager and torch.compile (default mode per block: max-autotune per block alone
+# outlasts the lease), then the opt-in and alternative kernels (at c0bb73a on an H200 the
+# inference layers and model steps took 67 and 108 s). The new steps are kept short: fewer
+# repeats, and a --time-limit that skips the torch.compile cases that would start late.
 BENCH=(--config D --batch 64 --resolution 224 --dtype bf16)
 if [ "$PART" != tests ]; then
 # A faulting kernel leaves its process's CUDA context unusable, so a fault in a kernel that has
@@ -121,12 +141,28 @@ if [ "$LAST_RC" != 124 ] && ! preflight_ok "$OUT/triton-preflight.json" triton; 
     echo "triton-preflight: not every block ran cleanly; the benchmarks run Triton with" \
         "VGG_KERNELS_TRITON_TMA=0" | tee -a "$LOG"
 fi
-step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
+# bytes saved for the backward by one VGG16-BN training step (batch 64, 224x224, bf16) and the
+# CUDA peak growth, fused against eager; nothing timed, no compile
+step bench-memory "${LIMIT_MEMORY:-60}" $PY -m vgg_kernels.bench memory "${BENCH[@]}" \
+    --backends "triton,${NATIVE}eager" --out "$OUT/memory.json"
+# perceptual loss: frozen VGG16 (no BN) to relu4_3 + input gradient, batch 32, 256x256, bf16
+# (compile last, skipped when it would start after the time limit)
+step bench-perceptual "${LIMIT_PERCEPTUAL:-120}" $PY -m vgg_kernels.bench perceptual \
+    --batch 32 --resolution 256 --dtype bf16 --warmup 2 --repeats 10 \
+    --backends "triton,${NATIVE}eager,compile" --compile-mode max-autotune-no-cudagraphs \
+    --time-limit $(( ${LIMIT_PERCEPTUAL:-120} - 70 )) --out "$OUT/perceptual.json"
+# each VGG16-BN block's training forward + backward (bf16 blocks) against the cuDNN eager modules
+# in train mode; compile (default mode) while the time limit allows
+step bench-layers-train "${LIMIT_LAYERS_TRAIN:-120}" $PY -m vgg_kernels.bench layers \
+    --mode train "${BENCH[@]}" --warmup 2 --repeats 10 \
     --backends "triton,${NATIVE}eager,compile" --compile-mode default \
-    --time-limit $(( ${LIMIT_LAYERS:-180} - 60 )) --out "$OUT/layers.json"
+    --time-limit $(( ${LIMIT_LAYERS_TRAIN:-120} - 60 )) --out "$OUT/layers-train.json"
 step bench-model "${LIMIT_MODEL:-200}" $PY -m vgg_kernels.bench model "${BENCH[@]}" \
     --backends "triton,${NATIVE}eager,compile" --compile-mode max-autotune-no-cudagraphs \
     --time-limit $(( ${LIMIT_MODEL:-200} - 80 )) --out "$OUT/model.json"
+step bench-layers "${LIMIT_LAYERS:-180}" $PY -m vgg_kernels.bench layers "${BENCH[@]}" \
+    --backends "triton,${NATIVE}eager,compile" --compile-mode default \
+    --time-limit $(( ${LIMIT_LAYERS:-180} - 60 )) --out "$OUT/layers.json"
 # the native backend choosing its fastest kernel per block (timed on the first call per shape)
 step bench-native-auto "${LIMIT_NATIVE_AUTO:-100}" env VGG_KERNELS_NATIVE_WGMMA=auto \
     $PY -m vgg_kernels.bench layers "${BENCH[@]}" --backends native,eager \
@@ -158,10 +194,13 @@ if [ $QUICK -eq 0 ]; then
 fi
 fi
 
-# 5. summary: one result file with both suites, then the table
-if [ -f "$OUT/layers.json" ] && [ -f "$OUT/model.json" ]; then
-    $PY -m vgg_kernels.bench merge "$OUT/results.json" "$OUT/layers.json" "$OUT/model.json" \
-        >>"$LOG" 2>&1
+# 5. summary: one result file with the suites of the main steps, then the table
+MERGE_FILES=()
+for suite in layers layers-train model perceptual memory; do
+    [ -f "$OUT/$suite.json" ] && MERGE_FILES+=("$OUT/$suite.json")
+done
+if [ ${#MERGE_FILES[@]} -gt 0 ]; then
+    $PY -m vgg_kernels.bench merge "$OUT/results.json" "${MERGE_FILES[@]}" >>"$LOG" 2>&1
 fi
 $PY - "$OUT" "${STEPS[@]}" <<'EOF'
 import json, os, sys
@@ -176,14 +215,16 @@ for s in summary["steps"]:
 EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-for suite in layers layers-native-auto layers-first-alt layers-native-wgmma layers-native-halo layers-native-halo-t model; do
+for suite in memory perceptual layers-train model layers layers-native-auto layers-first-alt \
+        layers-native-wgmma layers-native-halo layers-native-halo-t; do
     if [ -f "$OUT/$suite.json" ]; then
         $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
     fi
 done
 # the performance bars these files meet or miss (vgg_kernels/bench/bars.py)
 BAR_FILES=()
-for suite in layers model layers-native-auto layers-native-wgmma layers-native-halo; do
+for suite in memory perceptual layers-train model layers layers-native-auto layers-native-wgmma \
+        layers-native-halo; do
     [ -f "$OUT/$suite.json" ] && BAR_FILES+=("$OUT/$suite.json")
 done
 if [ ${#BAR_FILES[@]} -gt 0 ]; then

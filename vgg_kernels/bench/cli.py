@@ -15,8 +15,17 @@ from vgg_kernels.bench.bars import evaluate_bars, format_bars
 from vgg_kernels.bench.compare import compare_results, format_comparison
 from vgg_kernels.bench.environment import REPO_ROOT, collect_environment
 from vgg_kernels.bench.layers import format_layers, layer_specs, run_layers
+from vgg_kernels.bench.layers_train import NO_BN_MESSAGE, run_layers_train
+from vgg_kernels.bench.memory import format_memory, run_memory
 from vgg_kernels.bench.model import format_model, run_model
 from vgg_kernels.bench.peak import measure_peaks
+from vgg_kernels.bench.perceptual import DEFAULT_CONFIG as PERCEPTUAL_CONFIG
+from vgg_kernels.bench.perceptual import (
+    DEFAULT_TAPS,
+    format_perceptual,
+    run_perceptual,
+    tap_indices,
+)
 from vgg_kernels.bench.plot import PlotUnavailable, plot_result
 from vgg_kernels.bench.readme import update_readme
 from vgg_kernels.bench.results import (
@@ -35,39 +44,90 @@ from vgg_kernels.bench.settings import (
     RunSettings,
     parse_backends,
 )
+from vgg_kernels.models import layer_names
+from vgg_kernels.models.vgg import parse_config
 
 # Exit status of a run stopped by SIGTERM (after writing what it measured), as `timeout` reports.
 INTERRUPTED_STATUS = 124
 _STARTED = time.perf_counter()
-# Per-suite defaults by device type: (warm-up calls, timed calls).
+# Per-suite defaults by device type: (warm-up calls, timed calls). The memory suite times
+# nothing: its warm-up steps run before the one measured step.
 DEFAULT_REPEATS = {
     ("layers", "cuda"): (10, 100), ("layers", "cpu"): (1, 5),
+    ("layers_train", "cuda"): (5, 30), ("layers_train", "cpu"): (1, 3),
     ("model", "cuda"): (3, 20), ("model", "cpu"): (1, 3),
+    ("perceptual", "cuda"): (3, 20), ("perceptual", "cpu"): (1, 3),
+    ("memory", "cuda"): (1, 1), ("memory", "cpu"): (1, 1),
 }
+# Per-suite defaults by device type: (batch, resolution).
+DEFAULT_SHAPES = {
+    ("layers", "cuda"): (64, 224), ("layers", "cpu"): (2, 224),
+    ("layers_train", "cuda"): (64, 224), ("layers_train", "cpu"): (2, 224),
+    ("model", "cuda"): (64, 224), ("model", "cpu"): (2, 224),
+    ("perceptual", "cuda"): (32, 256), ("perceptual", "cpu"): (2, 128),
+    ("memory", "cuda"): (64, 224), ("memory", "cpu"): (4, 64),
+}
+DEFAULT_CONFIGS = {"perceptual": PERCEPTUAL_CONFIG}
+
+
+def _defaults_text(suite: str, table: dict[tuple[str, str], tuple[int, int]], item: int,
+                   unit: str = "") -> str:
+    """A help text's default: the values of ``table`` for the suites a command runs."""
+    labels = ({"layers": "layers", "model": "model"} if suite == "all" else
+              {"layers": "--mode infer", "layers_train": "--mode train"} if suite == "layers"
+              else {suite: suite})
+    parts = {}
+    for name, label in labels.items():
+        cuda, cpu = table[(name, "cuda")][item], table[(name, "cpu")][item]
+        parts[label] = f"{cuda}{unit} on CUDA, {cpu}{unit} on a CPU"
+    if len(set(parts.values())) == 1:
+        return next(iter(parts.values()))
+    return "; ".join(f"{label}: {values}" for label, values in parts.items())
 
 
 def _add_run_options(parser: argparse.ArgumentParser, suite: str) -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--config", default="D",
-                        help="VGG config: A, A-LRN, B, C, D, E or a torchvision name "
-                             "(default D; plain letters have BatchNorm)")
+    if suite == "perceptual":
+        parser.add_argument("--config", default=PERCEPTUAL_CONFIG,
+                            help="VGG config of the frozen network (default vgg16: VGG16 "
+                                 "without BN; plain letters have BatchNorm)")
+        parser.add_argument("--taps", default=",".join(DEFAULT_TAPS), metavar="NAMES",
+                            help="comma-separated feature taps of the loss (default "
+                                 f"{','.join(DEFAULT_TAPS)}); the forward runs to the deepest")
+    else:
+        parser.add_argument("--config", default="D",
+                            help="VGG config: A, A-LRN, B, C, D, E or a torchvision name "
+                                 "(default D; plain letters have BatchNorm)")
+    if suite == "layers":
+        parser.add_argument("--mode", choices=("infer", "train"), default="infer",
+                            help="infer (default): eval-mode blocks, forward only; train: each "
+                                 "block's training forward + backward against eager modules "
+                                 "in train mode (suite layers_train in the result file)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default 64 on CUDA, 2 on a CPU)")
-    parser.add_argument("--resolution", type=int, default=224, help="input H = W (default 224)")
+                        help=f"batch size (default {_defaults_text(suite, DEFAULT_SHAPES, 0)})")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="input H = W (default "
+                             f"{_defaults_text(suite, DEFAULT_SHAPES, 1, 'px')})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="storage dtype (default bf16 on CUDA, fp32 on a CPU)")
     parser.add_argument("--backends", default="all",
                         help="comma-separated: triton, native, reference, eager, compile, or all "
                              "(default all; unavailable ones are skipped with the reason)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls before timing (default: layers 10/1, model 3/1 on "
-                             "CUDA/CPU)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per case (default: layers 100/5, model 20/3 on "
-                             "CUDA/CPU)" if suite != "all" else
-                        "timed calls per layer case (default 100 on CUDA, 5 on a CPU)")
+    if suite == "memory":  # nothing is timed: no --repeats
+        parser.add_argument("--warmup", type=int, default=None,
+                            help="training steps before the measured one (default 1)")
+    else:
+        parser.add_argument("--warmup", type=int, default=None,
+                            help="untimed calls before timing (default "
+                                 f"{_defaults_text(suite, DEFAULT_REPEATS, 0)})")
+    if suite != "memory":
+        parser.add_argument("--repeats", type=int, default=None,
+                            help="timed calls per case (default "
+                                 f"{_defaults_text(suite, DEFAULT_REPEATS, 1)})"
+                            if suite != "all" else
+                            "timed calls per layer case (default 100 on CUDA, 5 on a CPU)")
     if suite == "all":
         parser.add_argument("--model-repeats", type=int, default=None,
                             help="timed calls per model case (default 20 on CUDA, 3 on a CPU)")
@@ -75,11 +135,12 @@ def _add_run_options(parser: argparse.ArgumentParser, suite: str) -> None:
         parser.add_argument("--layers", default=None, metavar="NAMES",
                             help="comma-separated blocks to time, e.g. conv1_1,conv5_3 "
                                  "(default: every block of --config)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip torch.compile (recorded as skipped, with the reason)")
-    parser.add_argument("--compile-mode", default=None,
-                        help=f"torch.compile mode (default {COMPILE_MODES['cuda']!r} on CUDA, "
-                             f"{COMPILE_MODES['cpu']!r} on a CPU)")
+    if suite != "memory":
+        parser.add_argument("--no-compile", action="store_true",
+                            help="skip torch.compile (recorded as skipped, with the reason)")
+        parser.add_argument("--compile-mode", default=None,
+                            help=f"torch.compile mode (default {COMPILE_MODES['cuda']!r} on "
+                                 f"CUDA, {COMPILE_MODES['cpu']!r} on a CPU)")
     if suite in ("model", "all"):
         parser.add_argument("--no-compile-train", action="store_true",
                             help="skip the compiled model's training step (its compile is the "
@@ -106,9 +167,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of the fused VGG blocks and models; result files, comparison, "
                     "charts and README figures.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("layers", "time every fused block of a config per backend"),
+    for name, text in (("layers", "time every fused block of a config per backend (--mode "
+                                  "train: forward + backward)"),
                        ("model", "whole-model inference and training-step throughput, memory"),
-                       ("all", "layers then model, in one result file")):
+                       ("all", "layers then model, in one result file"),
+                       ("perceptual", "perceptual loss: frozen VGG16 forward to relu4_3 + "
+                                      "input gradient, per backend"),
+                       ("memory", "activation memory saved for the backward by one training "
+                                  "step, fused models against eager")):
         _add_run_options(sub.add_parser(name, help=text, description=text), name)
 
     compare = sub.add_parser("compare", help="compare two result files; exit 1 on regression",
@@ -172,23 +238,41 @@ def _settings(args: argparse.Namespace, suite: str, repeats: int | None,
     if kind not in ("cuda", "cpu"):
         raise ValueError(f"--device must be cuda[:N] or cpu (got {args.device!r})")
     warmup, default_repeats = DEFAULT_REPEATS[(suite, kind)]
+    batch, resolution = DEFAULT_SHAPES[(suite, kind)]
+    no_compile = getattr(args, "no_compile", False) or suite == "memory"
     settings = RunSettings(
         device=device,
         dtype_name=args.dtype or ("bf16" if kind == "cuda" else "fp32"),
         config=args.config,
-        batch=args.batch if args.batch is not None else (64 if kind == "cuda" else 2),
-        resolution=args.resolution,
+        batch=args.batch if args.batch is not None else batch,
+        resolution=args.resolution if args.resolution is not None else resolution,
         warmup=args.warmup if args.warmup is not None else warmup,
         repeats=repeats if repeats is not None else default_repeats,
         backends=parse_backends(args.backends),
-        compile=not args.no_compile,
-        compile_mode=args.compile_mode,
+        compile=not no_compile,
+        compile_mode=getattr(args, "compile_mode", None),
         time_limit_s=args.time_limit,
         deadline=None if args.time_limit is None else started + args.time_limit,
     )
     if settings.batch <= 0 or settings.repeats <= 0 or settings.warmup < 0:
         raise ValueError("--batch and --repeats must be positive, --warmup non-negative")
-    names = [spec.name for spec in layer_specs(settings.config, settings.resolution)]
+    if settings.resolution <= 0:
+        raise ValueError(f"--resolution must be positive (got {settings.resolution})")
+    if suite == "perceptual":
+        settings.taps = [name.strip() for name in args.taps.split(",") if name.strip()]
+        indices = tap_indices(settings.config, settings.taps)
+        letter, batch_norm = parse_config(settings.config)
+        pools = sum(1 for name in layer_names(letter, batch_norm)[:max(indices)]
+                    if name.startswith("pool"))
+        if settings.resolution < 2 ** pools:
+            raise ValueError(f"--resolution must be at least {2 ** pools} for taps down to "
+                             f"{settings.taps[indices.index(max(indices))]} (got "
+                             f"{settings.resolution})")
+        return settings
+    specs = layer_specs(settings.config, settings.resolution)
+    if suite == "layers_train" and not specs[0].batch_norm:
+        raise ValueError(NO_BN_MESSAGE.format(settings.config))
+    names = [spec.name for spec in specs]
     wanted = getattr(args, "layers", None)
     if wanted:
         settings.layers = [name.strip() for name in wanted.split(",") if name.strip()]
@@ -199,13 +283,33 @@ def _settings(args: argparse.Namespace, suite: str, repeats: int | None,
     return settings
 
 
+def _suites(args: argparse.Namespace) -> list[str]:
+    """The result-file suites a run command measures."""
+    if args.command == "all":
+        return ["layers", "model"]
+    if args.command == "layers" and args.mode == "train":
+        return ["layers_train"]
+    return [args.command]
+
+
+def format_layers_train(suite: dict[str, Any]) -> str:
+    """``format_layers`` under a line saying what one call is."""
+    s = suite["settings"]
+    return (f"training forward + backward per block ({s.get('precision', s['dtype'])}; "
+            f"FLOPs: {s.get('flops', '3x the forward')}):\n" + format_layers(suite))
+
+
+FORMATTERS = {"layers": format_layers, "layers_train": format_layers_train,
+              "model": format_model, "perceptual": format_perceptual, "memory": format_memory}
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     began = time.perf_counter()
-    suites = ["layers", "model"] if args.command == "all" else [args.command]
+    suites = _suites(args)
     try:
         plans = {suite: _settings(args, suite, getattr(args, "model_repeats", None)
-                                  if suite == "model" and args.command == "all" else args.repeats,
-                                  began)
+                                  if suite == "model" and args.command == "all"
+                                  else getattr(args, "repeats", None), began)
                  for suite in suites}
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -237,16 +341,21 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         for suite in suites:
             if interrupted:
                 break
-            print(f"[{suite}] config {first.config}, batch {plans[suite].batch}, "
-                  f"{first.resolution}px, {plans[suite].repeats} repeats")
+            plan = plans[suite]
+            print(f"[{suite}] config {plan.config}, batch {plan.batch}, {plan.resolution}px, "
+                  + ("no timing" if suite == "memory" else f"{plan.repeats} repeats"))
             try:
                 if suite == "layers":
-                    block = run_layers(plans[suite], peak, log)
-                    print(format_layers(block))
+                    block = run_layers(plan, peak, log)
+                elif suite == "layers_train":
+                    block = run_layers_train(plan, peak, log)
+                elif suite == "perceptual":
+                    block = run_perceptual(plan, peak, log)
+                elif suite == "memory":
+                    block = run_memory(plan, log)
                 else:
-                    block = run_model(plans[suite], log,
-                                      compile_train=not args.no_compile_train)
-                    print(format_model(block))
+                    block = run_model(plan, log, compile_train=not args.no_compile_train)
+                print(FORMATTERS[suite](block))
             except RunInterrupted as stop:  # before the suite's first case: nothing to keep
                 interrupted = f"{stop}; the {suite} suite was not measured"
                 break
@@ -380,7 +489,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    formatters = {"layers": format_layers, "model": format_model}
     for name in args.files:
         try:
             result = load_result(name)
@@ -391,7 +499,9 @@ def _show(args: argparse.Namespace) -> int:
         print(f"{name}: {env.get('device_name')} | torch {env.get('torch')} | "
               f"triton {env.get('triton')} | commit {env.get('git_commit')}")
         for suite, block in result["suites"].items():
-            print(formatters[suite](block))
+            formatter = FORMATTERS.get(suite)
+            print(f"[{suite}]\n" + (formatter(block) if formatter else
+                                    "(a suite this version of the tool does not know)"))
     return 0
 
 
@@ -414,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
-    if args.command in ("layers", "model", "all"):
+    if args.command in ("layers", "model", "all", "perceptual", "memory"):
         return _run(args, argv)
     return {"compare": _compare, "merge": _merge, "plot": _plot, "readme": _readme,
             "validate": _validate, "show": _show, "bars": _bars}[args.command](args)

@@ -2,8 +2,17 @@
 
 Variants: ``FusedVGG`` on each selected fused backend; the eager model with torchvision's layout
 (``make_eager_vgg``, channels_last; recorded as ``cudnn_eager`` on CUDA, ``torch_eager`` on a
-CPU); and ``torch.compile`` of the eager model. All share one set of weights. A training step is
-forward + cross-entropy + backward + SGD (momentum 0.9) step, parameters in the run's dtype.
+CPU); and ``torch.compile`` of the eager model. All share one set of weights.
+
+Inference runs in the run's dtype (parameters and input). A training step is forward +
+cross-entropy + backward + SGD (momentum 0.9) step, with mixed precision as users train: with a
+fp16/bf16 run dtype, fp32 parameters and fp32 input under ``torch.autocast(device_type,
+dtype=run dtype)``, and for fp16 a ``torch.amp.GradScaler`` (mode ``train_amp``; the suite's
+``train_precision`` says e.g. "autocast bf16"); with fp32, plain fp32 (mode ``train``, the same
+work as files written before autocast was used, so their keys still compare). A fused backend
+that cannot run the training op in the dtype the step computes in is skipped with the reason
+(not timed on a fallback).
+
 Peak memory is ``torch.cuda.max_memory_allocated`` over the warm-up and timed calls (weights
 included); on a CPU it is not measured (null, with the reason).
 """
@@ -18,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgg_kernels.backends import available_backends
 from vgg_kernels.bench.results import model_prefix
 from vgg_kernels.bench.settings import (
     COMPILE,
@@ -53,15 +63,35 @@ def _weights(config: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _build(variant: str, settings: RunSettings, state: dict[str, torch.Tensor]) -> nn.Module:
-    if variant in (baseline_name(settings.device), COMPILE):
-        model: nn.Module = make_eager_vgg(settings.config, num_classes=NUM_CLASSES,
-                                          init_weights=False)
-    else:
-        model = FusedVGG(settings.config, num_classes=NUM_CLASSES, init_weights=False,
-                         backend=variant)
+def train_mode(settings: RunSettings) -> str:
+    """``train_amp`` when the training step runs under autocast (a fp16/bf16 run), else
+    ``train``."""
+    return "train" if settings.dtype == torch.float32 else "train_amp"
+
+
+def train_precision(settings: RunSettings) -> str:
+    """What the training step computes in, as recorded in the suite's settings."""
+    if settings.dtype == torch.float32:
+        return "fp32"
+    scaler = ", GradScaler" if settings.dtype == torch.float16 else ""
+    return f"autocast {settings.dtype_name}{scaler} (fp32 parameters and input)"
+
+
+def _build(variant: str, settings: RunSettings, state: dict[str, torch.Tensor],
+           dtype: torch.dtype | None = None) -> nn.Module:
+    """The variant's model holding ``state`` (copied), on the run's device, in ``dtype`` (default
+    the run's), channels_last. Built on the meta device: the modules' own initialisation (about
+    a second for the classifier's 120M parameters on a CPU) would be overwritten anyway."""
+    with torch.device("meta"):
+        if variant in (baseline_name(settings.device), COMPILE):
+            model: nn.Module = make_eager_vgg(settings.config, num_classes=NUM_CLASSES,
+                                              init_weights=False)
+        else:
+            model = FusedVGG(settings.config, num_classes=NUM_CLASSES, init_weights=False,
+                             backend=variant)
+    model = model.to_empty(device=settings.device)
     model.load_state_dict(state, strict=True)
-    model = model.to(device=settings.device, dtype=settings.dtype)
+    model = model.to(dtype=dtype or settings.dtype)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -96,13 +126,31 @@ def _measure(fn: Callable[[Any], object], inputs: list[Any], settings: RunSettin
 
 
 def _train_step(model: Callable[..., Any], optimizer: torch.optim.Optimizer,
-                target: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    def step(x: torch.Tensor) -> None:
+                target: torch.Tensor, device: torch.device,
+                autocast: torch.dtype | None) -> Callable[[torch.Tensor], None]:
+    """One step; with ``autocast`` (fp16/bf16) the forward and loss run under
+    ``torch.autocast``, and fp16 scales the loss with a GradScaler."""
+    if autocast is None:
+        def step(x: torch.Tensor) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+        return step
+    scaler = (torch.amp.GradScaler(device.type) if autocast == torch.float16 else None)
+
+    def amp_step(x: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
-    return step
+        with torch.autocast(device.type, dtype=autocast):
+            loss = F.cross_entropy(model(x), target)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    return amp_step
 
 
 def run_model(settings: RunSettings, log: Callable[[str], None] = print, *,
@@ -116,7 +164,8 @@ def run_model(settings: RunSettings, log: Callable[[str], None] = print, *,
         variants.append(COMPILE)
     suite_settings = {**settings.as_dict(), "variants": variants,
                       "optimizer": f"SGD(lr={LEARNING_RATE}, momentum=0.9)",
-                      "compile_train": compile_train}
+                      "compile_train": compile_train, "train_mode": train_mode(settings),
+                      "train_precision": train_precision(settings)}
     prefix = model_prefix(suite_settings)
     skipped: list[dict[str, Any]] = [{"variant": name, "mode": None, "reason": reason}
                                      for name, reason in selection.skipped]
@@ -124,13 +173,15 @@ def run_model(settings: RunSettings, log: Callable[[str], None] = print, *,
     shape = (settings.batch, 3, settings.resolution, settings.resolution)
     inputs = [torch.randn(shape, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last) for _ in range(2)]
+    # the training step's input: fp32 images under autocast, as users feed them
+    train_inputs = inputs if dtype == torch.float32 else [x.float() for x in inputs]
     target = torch.randint(0, NUM_CLASSES, (settings.batch,), device=device)
     cases: list[dict[str, Any]] = []
     interrupted = None
     for variant in variants:
         try:
-            _run_variant(variant, settings, state, inputs, target, prefix, cases, skipped,
-                         compile_train, log)
+            _run_variant(variant, settings, state, (inputs, train_inputs), target, prefix,
+                         cases, skipped, compile_train, log)
         except RunInterrupted as stop:
             interrupted = f"{stop}; {variant} and later variants were not (fully) measured"
             skipped.append({"variant": variant, "mode": None, "reason": interrupted})
@@ -141,53 +192,84 @@ def run_model(settings: RunSettings, log: Callable[[str], None] = print, *,
             "skipped": skipped, "interrupted": interrupted}
 
 
+def _train_reason(variant: str, settings: RunSettings) -> str | None:
+    """Why a fused variant cannot run its training step in the dtype it computes in (the run
+    dtype: autocast hands the fused ops fp16/bf16 operands); None when it can."""
+    if variant in (baseline_name(settings.device), COMPILE):
+        return None
+    reason = available_backends(settings.device, settings.dtype, "conv_bn_relu_train").get(
+        variant, "is not registered")
+    return None if reason is None else (f"{variant} {reason} for the training op "
+                                        f"(conv_bn_relu_train); not timed on a fallback")
+
+
 def _run_variant(variant: str, settings: RunSettings, state: dict[str, torch.Tensor],
-                 inputs: list[torch.Tensor], target: torch.Tensor, prefix: str,
-                 cases: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                 inputs: tuple[list[torch.Tensor], list[torch.Tensor]], target: torch.Tensor,
+                 prefix: str, cases: list[dict[str, Any]], skipped: list[dict[str, Any]],
                  compile_train: bool, log: Callable[[str], None]) -> None:
     """Append the inference and training cases of one variant to ``cases`` as each finishes
-    (so an interrupted run keeps them); failures go to ``skipped``."""
-    model = _build(variant, settings, state)
-    runner: Callable[..., Any] = model
-    if variant == COMPILE:
-        torch._dynamo.reset()
-        runner = torch.compile(model, mode=settings.resolved_compile_mode())
-    for mode in ("inference", "train"):
-        if mode == "train" and variant == COMPILE and not compile_train:
+    (so an interrupted run keeps them); failures go to ``skipped``. ``inputs``: (inference
+    inputs in the run dtype, training inputs: fp32 under autocast)."""
+    amp = settings.dtype != torch.float32
+    for mode in ("inference", train_mode(settings)):
+        if mode != "inference" and variant == COMPILE and not compile_train:
             skipped.append({"variant": variant, "mode": mode,
                             "reason": "--no-compile-train was given"})
             continue
         if variant == COMPILE and settings.past_deadline():
             skipped.append({"variant": variant, "mode": mode, "reason": TIME_LIMIT_REASON})
             continue
+        reason = None if mode == "inference" else _train_reason(variant, settings)
+        if reason is not None:
+            skipped.append({"variant": variant, "mode": mode, "reason": reason})
+            continue
         try:
+            # inference in the run dtype; training with fp32 parameters under autocast
+            model = _build(variant, settings, state,
+                           torch.float32 if mode != "inference" and amp else None)
+            runner: Callable[..., Any] = model
+            if variant == COMPILE:
+                torch._dynamo.reset()
+                runner = torch.compile(model, mode=settings.resolved_compile_mode())
             if mode == "inference":
                 model.eval()
                 with torch.no_grad():
-                    figures = _measure(runner, inputs, settings, variant == COMPILE)
+                    figures = _measure(runner, inputs[0], settings, variant == COMPILE)
             else:
                 model.train()
                 optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE,
                                             momentum=0.9)
-                figures = _measure(_train_step(runner, optimizer, target), inputs, settings,
-                                   variant == COMPILE)
-                del optimizer
+                step = _train_step(runner, optimizer, target, settings.device,
+                                   settings.dtype if amp else None)
+                figures = _measure(step, inputs[1], settings, variant == COMPILE)
+                del optimizer, step
+            del model, runner
         except Exception as error:  # one failing variant must not lose the others
             skipped.append({"variant": variant, "mode": mode, "reason": _short_error(error)})
             continue
+        finally:
+            if settings.device.type == "cuda":
+                torch.cuda.empty_cache()
         cases.append({"key": f"{prefix}/{variant}/{mode}", "variant": variant, "mode": mode,
                       **figures})
         log(f"  {variant} {mode}: {figures['images_per_s']:.1f} img/s")
+
+
+def suite_train_mode(suite: dict[str, Any]) -> str:
+    """The training mode a model suite recorded: ``train_amp`` (autocast) or ``train`` (files
+    written before autocast was used, and fp32 runs)."""
+    return suite.get("settings", {}).get("train_mode", "train")
 
 
 def format_model(suite: dict[str, Any]) -> str:
     """The terminal table: one row per variant, inference and train images/s and peak memory."""
     baseline = suite["settings"]["baseline"]
     by_key = {(c["variant"], c["mode"]): c for c in suite["cases"]}
+    train = suite_train_mode(suite)
     rows = []
     for variant in suite["settings"]["variants"]:
         row: list[object] = [variant]
-        for mode in ("inference", "train"):
+        for mode in ("inference", train):
             case, base = by_key.get((variant, mode)), by_key.get((baseline, mode))
             if case is None:
                 row += ["-", "-"]
@@ -197,8 +279,10 @@ def format_model(suite: dict[str, Any]) -> str:
             row += [f"{case['images_per_s']:.1f}{speedup}",
                     "n/a" if memory is None else f"{memory / 2**30:.2f}"]
         rows.append(row)
-    table = format_table(["variant", "inference img/s", "peak GiB", "train img/s", "peak GiB"],
-                         rows)
-    notes = [f"skipped {s['variant']}" + (f" {s['mode']}" if s["mode"] else "")
-             + f": {s['reason']}" for s in suite["skipped"]]
+    table = format_table(["variant", "inference img/s", "peak GiB", f"{train} img/s",
+                          "peak GiB"], rows)
+    precision = suite["settings"].get("train_precision")
+    notes = [f"training step: {precision}"] if precision else []
+    notes += [f"skipped {s['variant']}" + (f" {s['mode']}" if s["mode"] else "")
+              + f": {s['reason']}" for s in suite["skipped"]]
     return "\n".join([table, *notes])

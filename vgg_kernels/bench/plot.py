@@ -109,8 +109,9 @@ def plot_model(result: dict[str, Any], path: Path) -> Path:
     suite = result["suites"]["model"]
     variants = suite["settings"]["variants"]
     by_key = {(c["variant"], c["mode"]): c for c in suite["cases"]}
+    train = suite.get("settings", {}).get("train_mode", "train")  # train_amp: autocast step
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, mode in zip(axes, ("inference", "train"), strict=True):
+    for ax, mode in zip(axes, ("inference", train), strict=True):
         names = [v for v in variants if (v, mode) in by_key]
         values = [by_key[(v, mode)]["images_per_s"] for v in names]
         errs = [[by_key[(v, mode)]["images_per_s"] - by_key[(v, mode)]["images_per_s_low"]

@@ -99,17 +99,20 @@ def _layers_table(suite: dict[str, Any]) -> str:
 
 def _model_table(suite: dict[str, Any]) -> str:
     by_key = {(c["variant"], c["mode"]): c for c in suite["cases"]}
+    train = suite["settings"].get("train_mode", "train")  # train_amp: the autocast step
     rows = []
     for variant in suite["settings"]["variants"]:
         row: list[object] = [variant]
-        for mode in ("inference", "train"):
+        for mode in ("inference", train):
             case = by_key.get((variant, mode))
             memory = None if case is None else case["peak_memory_bytes"]
             row += ["-" if case is None else f"{case['images_per_s']:.0f}",
                     "-" if memory is None else f"{memory / 2**30:.2f}"]
         rows.append(row)
-    return format_markdown_table(["variant", "inference img/s", "peak GiB", "train step img/s",
-                                  "peak GiB"], rows)
+    precision = suite["settings"].get("train_precision")
+    step = f"train step ({precision.split(' (')[0]}) img/s" if precision else "train step img/s"
+    return format_markdown_table(["variant", "inference img/s", "peak GiB", step, "peak GiB"],
+                                 rows)
 
 
 def render_section(result: dict[str, Any] | None, source: str | None,

@@ -20,20 +20,47 @@ A result file (``schema_version`` 1) is one JSON object::
                     skipped [{backend, layer (or null: every layer), reason}],
                     summary {baseline, geomean_speedup: {backend: {value, low, high, layers}}},
                     interrupted (null or the reason)
+      layers_train  (``layers --mode train``) the ``layers`` block's fields, for each block's
+                    training forward + backward: settings add mode "train", flops and bytes (how
+                    they are counted: 3x the forward's), precision; cases add rel_errors
+                    {output, x, weight, bn_weight, bn_bias}; keys ``layers-train/...``
       model         settings {config, batch, resolution, dtype, device, warmup, repeats,
-                    variants, compile_mode, time_limit_s, optimizer, compile_train}, wall_s,
-                    cases [{key, variant, mode ("inference" | "train"), samples_ms, median_ms,
-                    p20_ms, p80_ms, images_per_s, images_per_s_low, images_per_s_high,
-                    peak_memory_bytes (null on a CPU), peak_memory_note, memory_before_bytes
-                    (CUDA), compile_s (torch_compile only)}],
-                    skipped [{variant, mode (or null: both), reason}], interrupted
+                    variants, compile_mode, time_limit_s, optimizer, compile_train, train_mode,
+                    train_precision}, wall_s,
+                    cases [{key, variant, mode ("inference" | "train" | "train_amp"),
+                    samples_ms, median_ms, p20_ms, p80_ms, images_per_s, images_per_s_low,
+                    images_per_s_high, peak_memory_bytes (null on a CPU), peak_memory_note,
+                    memory_before_bytes (CUDA), compile_s (torch_compile only)}],
+                    skipped [{variant, mode (or null: both), reason}], interrupted.
+                    "train_amp": the step under torch.autocast with fp32 parameters (fp16/bf16
+                    runs); "train": plain fp32, or (files without train_mode) the parameters in
+                    the run dtype
+      perceptual    settings {config, batch, resolution, dtype, device, warmup, repeats,
+                    backends, baseline, compile_mode, time_limit_s, taps, variants, loss, flops,
+                    flops_per_call}, wall_s,
+                    cases [{key, variant, samples_ms, median_ms, p20_ms, p80_ms, images_per_s,
+                    images_per_s_low, images_per_s_high, tflops, rotating_inputs,
+                    rel_error_vs_baseline (input gradient: max |diff| / max |eager|),
+                    mean_rel_error_vs_baseline (mean |diff| / max |eager|), speedup, speedup_low,
+                    speedup_high, compile_s (torch_compile only)}],
+                    skipped [{variant, reason}], summary {baseline, speedup: {variant: {value,
+                    low, high}}}, interrupted
+      memory        settings {config, batch, resolution, dtype, device, warmup, backends,
+                    baseline, variants, saved, peak_growth, loss}, wall_s,
+                    cases [{key, variant, saved_bytes, saved_storages, saved_tensors,
+                    saved_input_bytes, saved_ratio_to_eager, peak_growth_bytes (null on a CPU),
+                    peak_growth_note, peak_growth_ratio_to_eager (or null)}],
+                    skipped [{variant, reason}], summary {baseline}, interrupted
     wall_s          seconds the whole run took
     interrupted     null, or why the run stopped early (SIGTERM, e.g. an outer `timeout`): the
                     suites then hold what was measured before, and say where it stopped
-    sources         (merged files only) [{suites, date, git_commit, command_line}] per input
+    sources         (merged files only) [{suites, date, git_commit, command_line, interrupted}]
+                    per input
 
-Keys of cases name the measured work completely, e.g. ``layers/D/b64/r224/bf16/conv3_2/triton``
-and ``model/D/b64/r224/bf16/cudnn_eager/train``: two files compare case by case on these keys.
+Keys of cases name the measured work completely, e.g. ``layers/D/b64/r224/bf16/conv3_2/triton``,
+``layers-train/D/b64/r224/bf16/conv3_2/triton``, ``model/D/b64/r224/bf16/cudnn_eager/train_amp``,
+``perceptual/vgg16/relu1_2+relu2_2+relu3_3+relu4_3/b32/r256/bf16/triton`` and
+``memory/D/b64/r224/bf16/triton``: two files compare case by case on these keys.
 Times are milliseconds per call; ``*_low``/``*_high`` are the figure computed from the
 pessimistic/optimistic ends of the 20th-80th percentile spread.
 """
@@ -126,6 +153,19 @@ _LAYER_CASE_KEYS = ("key", "layer", "backend", *_STAT_KEYS, "tflops", "pct_of_pe
                     "speedup_low", "speedup_high")
 _MODEL_CASE_KEYS = ("key", "variant", "mode", *_STAT_KEYS, "images_per_s", "images_per_s_low",
                     "images_per_s_high", "peak_memory_bytes", "peak_memory_note")
+_PERCEPTUAL_CASE_KEYS = ("key", "variant", *_STAT_KEYS, "images_per_s", "images_per_s_low",
+                         "images_per_s_high", "tflops", "rel_error_vs_baseline")
+_MEMORY_CASE_KEYS = ("key", "variant", "saved_bytes", "saved_storages", "saved_input_bytes",
+                     "peak_growth_bytes", "peak_growth_note")
+_CASE_KEYS = {"layers": _LAYER_CASE_KEYS, "layers_train": _LAYER_CASE_KEYS,
+              "model": _MODEL_CASE_KEYS, "perceptual": _PERCEPTUAL_CASE_KEYS,
+              "memory": _MEMORY_CASE_KEYS}
+SUITES = tuple(_CASE_KEYS)
+MODEL_MODES = ("inference", "train", "train_amp")
+# Suites whose keys must carry their own prefix (older suites' keys are checked by their
+# comparisons alone): no case of one suite can be taken for another's.
+_KEY_PREFIXES = {"layers_train": "layers-train/", "perceptual": "perceptual/",
+                 "memory": "memory/"}
 
 
 def _check_stats(where: str, case: dict[str, Any], problems: list[str]) -> None:
@@ -165,8 +205,8 @@ def validate_result(data: Any) -> list[str]:
     if not isinstance(suites, dict) or not suites:
         return problems + ["suites must be a non-empty object"]
     for name, suite in suites.items():
-        if name not in ("layers", "model"):
-            problems.append(f"suites.{name}: unknown suite")
+        if name not in SUITES:
+            problems.append(f"suites.{name}: unknown suite (expected one of {', '.join(SUITES)})")
             continue
         if not isinstance(suite, dict):
             problems.append(f"suites.{name} must be an object")
@@ -174,32 +214,62 @@ def validate_result(data: Any) -> list[str]:
         for key in ("settings", "cases", "skipped"):
             if key not in suite:
                 problems.append(f"suites.{name}.{key} is missing")
-        required = _LAYER_CASE_KEYS if name == "layers" else _MODEL_CASE_KEYS
-        keys_seen: set[str] = set()
-        for i, case in enumerate(suite.get("cases", [])):
-            where = f"suites.{name}.cases[{i}]"
-            missing = [k for k in required if k not in case]
-            if missing:
-                problems.append(f"{where}: missing {', '.join(missing)}")
-                continue
-            if case["key"] in keys_seen:
-                problems.append(f"{where}: duplicate key {case['key']!r}")
-            keys_seen.add(case["key"])
-            _check_stats(where, case, problems)
-        if name == "layers":
+        _check_cases(name, suite, problems)
+        if name in ("layers", "layers_train"):
             if "layers" not in suite:
-                problems.append("suites.layers.layers is missing")
+                problems.append(f"suites.{name}.layers is missing")
             summary = suite.get("summary")
             if not isinstance(summary, dict) or "geomean_speedup" not in summary:
-                problems.append("suites.layers.summary.geomean_speedup is missing")
+                problems.append(f"suites.{name}.summary.geomean_speedup is missing")
+        if name == "perceptual":
+            summary = suite.get("summary")
+            if not isinstance(summary, dict) or "speedup" not in summary:
+                problems.append("suites.perceptual.summary.speedup is missing")
+            if not suite.get("settings", {}).get("taps"):
+                problems.append("suites.perceptual.settings.taps is missing")
     return problems
+
+
+def _check_cases(name: str, suite: dict[str, Any], problems: list[str]) -> None:
+    """The per-case checks of suite ``name``: required fields, unique keys, stats."""
+    keys_seen: set[str] = set()
+    for i, case in enumerate(suite.get("cases", [])):
+        where = f"suites.{name}.cases[{i}]"
+        missing = [k for k in _CASE_KEYS[name] if k not in case]
+        if missing:
+            problems.append(f"{where}: missing {', '.join(missing)}")
+            continue
+        if case["key"] in keys_seen:
+            problems.append(f"{where}: duplicate key {case['key']!r}")
+        keys_seen.add(case["key"])
+        prefix = _KEY_PREFIXES.get(name)
+        if prefix and not str(case["key"]).startswith(prefix):
+            problems.append(f"{where}: key must start with {prefix!r} (got {case['key']!r})")
+        if name == "model" and case["mode"] not in MODEL_MODES:
+            problems.append(f"{where}: mode must be one of {', '.join(MODEL_MODES)} (got "
+                            f"{case['mode']!r})")
+        if name == "memory":
+            _check_memory_case(where, case, problems)
+        else:
+            _check_stats(where, case, problems)
+
+
+def _check_memory_case(where: str, case: dict[str, Any], problems: list[str]) -> None:
+    for key in ("saved_bytes", "saved_storages", "saved_input_bytes"):
+        if not isinstance(case[key], int) or case[key] < 0:
+            problems.append(f"{where}: {key} must be a non-negative integer")
+    growth = case["peak_growth_bytes"]
+    if growth is not None and (not isinstance(growth, int) or growth < 0):
+        problems.append(f"{where}: peak_growth_bytes must be null or a non-negative integer")
 
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result holding the suites of several runs on the same device (for instance the
-    ``layers`` and ``model`` files of one device check, to make one baseline). ``environment``
-    and ``peak`` come from the first; ``sources`` records each run's date, commit and command.
-    Raises ``ResultFileError`` for different devices or a suite present twice."""
+    ``layers``, ``layers_train``, ``model``, ``perceptual`` and ``memory`` files of one device
+    check, to make one baseline). ``environment`` and ``peak`` come from the first; ``sources``
+    records each run's suites, date, commit, command and interruption; ``interrupted`` names
+    every interrupted run. Raises ``ResultFileError`` for different devices, an unknown suite or
+    a suite present twice."""
     if not results:
         raise ResultFileError("merge needs at least one result")
     merged = {key: value for key, value in results[0].items() if key != "sources"}
@@ -212,12 +282,19 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
             raise ResultFileError(f"cannot merge results of different devices ({slug!r} and "
                                   f"{env.get('device_slug')!r})")
         for name, suite in result["suites"].items():
+            if name not in SUITES:
+                raise ResultFileError(f"cannot merge: unknown suite {name!r} (expected one of "
+                                      f"{', '.join(SUITES)})")
             if name in merged["suites"]:
                 raise ResultFileError(f"cannot merge: suite {name!r} appears twice")
             merged["suites"][name] = suite
         merged["sources"].append({"suites": sorted(result["suites"]), "date": env.get("date"),
                                   "git_commit": env.get("git_commit"),
-                                  "command_line": env.get("command_line")})
+                                  "command_line": env.get("command_line"),
+                                  "interrupted": result.get("interrupted")})
+    stops = [f"{', '.join(source['suites'])}: {source['interrupted']}"
+             for source in merged["sources"] if source["interrupted"]]
+    merged["interrupted"] = "; ".join(stops) if stops else None
     return merged
 
 
@@ -227,16 +304,23 @@ def tracked_figures(result: dict[str, Any]) -> dict[str, Figure]:
     - layer cases: median ms per (layer, backend) — lower is better;
     - per-backend geometric-mean speedup over the baseline (the baseline's own 1.0 left out) —
       higher is better;
-    - model cases: images/s — higher is better; peak memory (GPU) — lower is better.
+    - model cases: images/s — higher is better; peak memory (GPU) — lower is better;
+    - layers_train: as layers, under its own ``layers-train/`` keys;
+    - perceptual cases: images/s and (fused backends, compile) the speedup over eager — higher
+      is better;
+    - memory cases: MiB saved for the backward, its ratio to eager (fused backends) and the
+      GPU peak growth — lower is better (exact counts: no spread).
     """
     figures: dict[str, Figure] = {}
     suites = result.get("suites", {})
-    layers = suites.get("layers")
-    if layers:
+    for name, prefix_of in (("layers", layers_prefix), ("layers_train", layers_train_prefix)):
+        layers = suites.get(name)
+        if not layers:
+            continue
         for case in layers["cases"]:
             figures[f"{case['key']}/ms"] = Figure(case["median_ms"], case["p20_ms"],
                                                    case["p80_ms"], "lower", "ms")
-        prefix = layers_prefix(layers["settings"])
+        prefix = prefix_of(layers["settings"])
         baseline = layers["summary"].get("baseline")
         for backend, g in layers["summary"]["geomean_speedup"].items():
             if backend == baseline:  # 1.0 by definition: nothing to track
@@ -253,6 +337,29 @@ def tracked_figures(result: dict[str, Any]) -> dict[str, Figure]:
             if memory is not None:
                 figures[f"{case['key']}/peak_memory"] = Figure(memory / 2**20, memory / 2**20,
                                                                memory / 2**20, "lower", "MiB")
+    perceptual = suites.get("perceptual")
+    if perceptual:
+        baseline = perceptual.get("summary", {}).get("baseline")
+        for case in perceptual["cases"]:
+            figures[f"{case['key']}/images_per_s"] = Figure(
+                case["images_per_s"], case["images_per_s_low"], case["images_per_s_high"],
+                "higher", "img/s")
+            if case["variant"] != baseline and "speedup" in case:
+                figures[f"{case['key']}/speedup"] = Figure(
+                    case["speedup"], case["speedup_low"], case["speedup_high"], "higher", "x")
+    memory_suite = suites.get("memory")
+    if memory_suite:
+        baseline = memory_suite.get("summary", {}).get("baseline")
+        for case in memory_suite["cases"]:
+            saved = case["saved_bytes"] / 2**20
+            figures[f"{case['key']}/saved_memory"] = Figure(saved, saved, saved, "lower", "MiB")
+            ratio = case.get("saved_ratio_to_eager")
+            if case["variant"] != baseline and ratio is not None:
+                figures[f"{case['key']}/saved_ratio"] = Figure(ratio, ratio, ratio, "lower", "x")
+            growth = case.get("peak_growth_bytes")
+            if growth is not None:
+                figures[f"{case['key']}/peak_growth"] = Figure(growth / 2**20, growth / 2**20,
+                                                               growth / 2**20, "lower", "MiB")
     return figures
 
 
@@ -265,4 +372,22 @@ def layers_prefix(settings: dict[str, Any]) -> str:
 def model_prefix(settings: dict[str, Any]) -> str:
     """``model/<config>/b<batch>/r<resolution>/<dtype>``."""
     return (f"model/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
+            f"{settings['dtype']}")
+
+
+def layers_train_prefix(settings: dict[str, Any]) -> str:
+    """``layers-train/<config>/b<batch>/r<resolution>/<dtype>`` (``layers --mode train``)."""
+    return (f"layers-train/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
+            f"{settings['dtype']}")
+
+
+def perceptual_prefix(settings: dict[str, Any]) -> str:
+    """``perceptual/<config>/<tap>+<tap>.../b<batch>/r<resolution>/<dtype>``."""
+    return (f"perceptual/{settings['config']}/{'+'.join(settings['taps'])}/b{settings['batch']}"
+            f"/r{settings['resolution']}/{settings['dtype']}")
+
+
+def memory_prefix(settings: dict[str, Any]) -> str:
+    """``memory/<config>/b<batch>/r<resolution>/<dtype>``."""
+    return (f"memory/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
             f"{settings['dtype']}")

@@ -6,9 +6,10 @@ Backend names on the command line (``--backends``, comma-separated):
   ``vgg_kernels.available_backends(device, dtype)`` says it can, else skipped with the reason.
   ``triton`` on CPU tensors only runs in the Triton interpreter, which is far too slow to time:
   it is always skipped on a CPU.
-- ``eager`` (aliases ``cudnn_eager``, ``torch_eager``): nn.Conv2d + nn.BatchNorm2d (eval) +
-  nn.ReLU (+ nn.MaxPool2d) modules in channels_last. Recorded as ``cudnn_eager`` on CUDA and
-  ``torch_eager`` on a CPU. It is the baseline of every speedup, so it always runs.
+- ``eager`` (aliases ``cudnn_eager``, ``torch_eager``): nn.Conv2d + nn.BatchNorm2d (eval; train
+  mode in the training suites) + nn.ReLU (+ nn.MaxPool2d) modules in channels_last, or the eager
+  model. Recorded as ``cudnn_eager`` on CUDA and ``torch_eager`` on a CPU. It is the baseline of
+  every speedup, so it always runs.
 - ``compile`` (alias ``torch_compile``): ``torch.compile`` of the eager modules
   (``mode='max-autotune-no-cudagraphs'`` on CUDA, the default mode on a CPU); ``--no-compile``
   skips it with the reason recorded.
@@ -71,6 +72,8 @@ class RunSettings:
     deadline: float | None = None
     # layers suite: time only these blocks (names as in layer_specs, e.g. conv1_1); None: all
     layers: list[str] | None = None
+    # perceptual suite: the feature taps (VGGFeatures names); None: the suite's default
+    taps: list[str] | None = None
 
     def past_deadline(self) -> bool:
         """Whether the soft time limit has passed."""
@@ -123,11 +126,12 @@ def parse_backends(text: str) -> list[str]:
     return names
 
 
-def select_backends(settings: RunSettings) -> Selection:
-    """Resolve ``settings.backends`` against what can run on the device and dtype."""
+def select_backends(settings: RunSettings, op: str = "conv_bn_relu_infer") -> Selection:
+    """Resolve ``settings.backends`` against what can run ``op`` (``conv_bn_relu_infer`` or
+    ``conv_bn_relu_train``) on the device and dtype."""
     requested = set(settings.backends)
     everything = "all" in requested
-    reasons = available_backends(settings.device, settings.dtype)
+    reasons = available_backends(settings.device, settings.dtype, op)
     fused: list[str] = []
     skipped: list[tuple[str, str]] = []
     for name in FUSED_BACKENDS:
