@@ -72,7 +72,12 @@ def _run_train(backend, base, stats0, grad, pool, dtype):
 @pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=TRAIN_IDS)
 def test_training_block_matches_oracle(shape, dtype, device, poison_outputs):
     """Output, running statistics and the gradients of x, weight, gamma and beta within the
-    error rule of the reference backend's decomposition in the same dtype (float64 oracle)."""
+    error rule of the reference backend's decomposition in the same dtype (float64 oracle).
+
+    bf16 gradients are left to ``test_backward_kernels_match_oracle``, on identical inputs:
+    end to end, the ReLU mask and the pool's choice among near-equal values follow z's bf16
+    rounding, and which elements flip is chance (on these shapes PyTorch's own bf16 gradients
+    are 0.1 to 0.5 off the float64 oracle as often as not)."""
     base, stats0, grad, pool = _train_case(shape, device)
     triton, reference = get_backend("triton"), get_backend("reference")
     y, leaves, stats = _run_train(triton, base, stats0, grad, pool, dtype)
@@ -82,11 +87,51 @@ def test_training_block_matches_oracle(shape, dtype, device, poison_outputs):
     assert_within_rule(y, y_t, y_o, dtype)
     for got, want, oracle in zip(stats, stats_t, stats_o, strict=True):
         assert_within_rule(got, want, oracle, torch.float32)
+    if dtype == torch.bfloat16:
+        return
     for key in ("x", "weight", "gamma", "beta"):
         assert_within_rule(leaves[key].grad, leaves_t[key].grad, leaves_o[key].grad, dtype)
     # d loss / d conv bias is exactly 0 through train-mode BN: rounding noise on both sides
     scale = leaves_o["weight"].grad.abs().max()
     assert leaves["bias"].grad.abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=TRAIN_IDS)
+def test_backward_kernels_match_oracle(shape, dtype, device, poison_outputs):
+    """The BN + ReLU (+ pool) backward, dgrad and wgrad on identical inputs against the
+    reference's (PyTorch's ops, cuDNN's convolutions on a GPU) in the same dtype and in
+    float64."""
+    n, c, k, h, w, r, pool = shape
+    triton, reference = get_backend("triton"), get_backend("reference")
+    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, r, device=device) / (c * r * r) ** 0.5).to(dtype)
+    z = torch.randn(n, k, h, w, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    mean = torch.randn(k, device=device, dtype=torch.float64) * 0.2
+    invstd = torch.rand(k, device=device) + 0.5
+    scale = invstd * (torch.rand(k, device=device) + 0.5)
+    beta = torch.randn(k, device=device) * 0.3
+    out = (h // 2, w // 2) if pool else (h, w)
+    grad_y = torch.randn(n, k, *out, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+
+    def f64(*ts):
+        return [t.double() for t in ts]
+
+    got = triton.bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool)
+    want = reference.bn_relu_backward(grad_y, z, mean, invstd, scale, beta, pool)
+    oracle = reference.bn_relu_backward(*f64(grad_y, z), mean, *f64(invstd, scale, beta), pool)
+    for g, t, o in zip(got[:3], want[:3], oracle[:3], strict=True):
+        assert_within_rule(g, t, o, dtype)
+    grad_z = got[0]
+    assert_within_rule(triton.conv_dgrad(grad_z, weight, list(x.shape)),
+                       reference.conv_dgrad(grad_z, weight, list(x.shape)),
+                       reference.conv_dgrad(*f64(grad_z, weight), list(x.shape)), dtype)
+    assert_within_rule(triton.conv_wgrad(grad_z, x, list(weight.shape)),
+                       reference.conv_wgrad(grad_z, x, list(weight.shape)),
+                       reference.conv_wgrad(*f64(grad_z, x), list(weight.shape)), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -212,37 +257,51 @@ def test_conv_bias_relu_block_trains_on_the_fused_path(shape, device, poison_out
 
 # -- a VGG-shaped network trained for 20 steps ---------------------------------------------------
 
-def _small_vgg_a(backend: str | None) -> nn.Module:
-    """VGG-A's layer list at 1/16 of its widths (4, M, 8, M, 16, 16, M, 32, 32, M, 32, 32, M)
-    with BN and a small classifier: the fused features (FusedSequential) or, with backend None,
-    the plain eager modules."""
-    widths = [4, "M", 8, "M", 16, 16, "M", 32, 32, "M", 32, 32, "M"]
+def _small_vgg(backend: str | None) -> nn.Module:
+    """VGG's pattern at the smallest size the interpreter trains in CI time: a 3x3 block with
+    pool, a 3x3 block, a 1x1 block (config C's) with pool, BN throughout, then a linear
+    classifier; the fused features (FusedSequential) or, with backend None, the same plain
+    modules."""
     layers: list[nn.Module] = []
     c = 3
-    for item in widths:
-        if item == "M":
+    for width, kernel, pool in ((4, 3, True), (8, 3, False), (8, 1, True)):
+        layers += [nn.Conv2d(c, width, kernel, padding=kernel // 2), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True)]
+        if pool:
             layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(c, item, 3, padding=1), nn.BatchNorm2d(item),
-                       nn.ReLU(inplace=True)]
-            c = item
+        c = width
     features = (nn.Sequential(*layers) if backend is None
                 else FusedSequential(*layers, backend=backend))
-    return nn.Sequential(features, nn.Flatten(1), nn.Linear(32, 10))
+    return nn.Sequential(features, nn.Flatten(1), nn.Linear(8 * 4 * 4, 10))
 
 
-def test_twenty_sgd_steps_follow_torchvision_layout_eager(device):
-    """20 SGD steps (momentum 0.9) of a VGG-A-shaped network on the Triton backend against the
+@pytest.fixture
+def large_interpreter_blocks(monkeypatch):
+    """Interpreted programs cost tens of milliseconds each whatever their size: whole-network
+    runs use large blocks (the odd-shape tests keep the small ones)."""
+    from vgg_kernels.backends.triton import conv_bn_relu, train
+
+    monkeypatch.setattr(conv_bn_relu, "INTERPRETER_BLOCKS", {
+        **conv_bn_relu.INTERPRETER_BLOCKS, "BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32})
+    monkeypatch.setattr(train, "_DGRAD_INTERPRETED", {"BLOCK_M": 128, "BLOCK_N": 32,
+                                                       "BLOCK_K": 32})
+    monkeypatch.setattr(train, "_WGRAD_INTERPRETED", {"BLOCK_K": 32, "BLOCK_C": 32,
+                                                       "BLOCK_P": 512})
+    monkeypatch.setattr(train, "_ELEMENTWISE_INTERPRETED", {"BLOCK_P": 256, "BLOCK_K": 32})
+
+
+def test_twenty_sgd_steps_follow_the_eager_modules(device, large_interpreter_blocks):
+    """20 SGD steps (momentum 0.9) of a VGG-style network on the Triton backend against the
     same network as plain PyTorch modules from the same weights, on the same batches: the
-    losses agree at every step within 1e-3 relative (fp32; the two sides differ only by
-    rounding, which 20 steps of training amplify)."""
+    losses agree at every step within 1e-3 relative (fp32; the two differ only by rounding,
+    which 20 steps of training amplify), and so do the weights after the last step."""
     torch.manual_seed(0)
-    ours = _small_vgg_a("triton").to(device)
-    theirs = _small_vgg_a(None).to(device)
+    ours = _small_vgg("triton").to(device)
+    theirs = _small_vgg(None).to(device)
     theirs.load_state_dict(ours.state_dict())
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ours, theirs)]
-    batches = [(torch.randn(4, 3, 32, 32, device=device),
-                torch.randint(0, 10, (4,), device=device)) for _ in range(20)]
+    batches = [(torch.randn(2, 3, 16, 16, device=device),
+                torch.randint(0, 10, (2,), device=device)) for _ in range(20)]
     for step, (x, target) in enumerate(batches):
         losses = []
         for model, optimizer in zip((ours, theirs), optimizers, strict=True):
@@ -293,15 +352,15 @@ def test_training_ops_pass_opcheck(name, device):
     torch.library.opcheck(OPS[name], _op_cases(device, torch.float32)[name])
 
 
-def test_compiled_training_step_traces_without_graph_breaks(device):
+def test_compiled_training_step_traces_without_graph_breaks(device, large_interpreter_blocks):
     """torch.compile(fullgraph=True) of a train-mode fused network: forward and backward trace
     through the registered ops (opaque custom ops in the interpreter, Triton ops on a GPU), and
     give the eager fused network's loss and gradients."""
     torch.manual_seed(0)
-    model = _small_vgg_a("triton").to(device).train()
-    twin = _small_vgg_a("triton").to(device).train()
+    model = _small_vgg("triton").to(device).train()
+    twin = _small_vgg("triton").to(device).train()
     twin.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 32, 32, device=device)
+    x = torch.randn(2, 3, 16, 16, device=device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss = compiled(x).square().sum()
     loss.backward()

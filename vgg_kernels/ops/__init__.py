@@ -321,7 +321,7 @@ class TrainRecipe(NamedTuple):
     block (z) for the backward."""
 
     y: torch.Tensor
-    version: int
+    version: int | None  # y._version in eager mode; None while torch.compile traces
     z: torch.Tensor
     mean: torch.Tensor
     scale: torch.Tensor
@@ -330,8 +330,9 @@ class TrainRecipe(NamedTuple):
     backend: object
 
     def recomputes(self, x: torch.Tensor) -> bool:
-        """Whether this recipe gives ``x`` exactly."""
-        return x is self.y and x._version == self.version
+        """Whether this recipe gives ``x`` exactly: the same tensor, unchanged since (a traced
+        graph is functional: no in-place change to check for)."""
+        return x is self.y and (self.version is None or x._version == self.version)
 
 
 class _ConvBNReLUTrain(torch.autograd.Function):
@@ -449,7 +450,8 @@ def _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean, r
     if not want_recipe:
         return out
     y, z, mean, scale, beta = out
-    return y, TrainRecipe(y, y._version, z, mean, scale, beta, pool, impl)
+    version = None if torch.compiler.is_compiling() else y._version
+    return y, TrainRecipe(y, version, z, mean, scale, beta, pool, impl)
 
 
 def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

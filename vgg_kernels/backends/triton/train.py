@@ -32,17 +32,18 @@ from vgg_kernels.backends.triton.conv_bn_relu import (
 )
 
 # Elementwise kernels: BLOCK_P pixels x BLOCK_K channels per program (4096 elements on a GPU;
-# small in the interpreter, so odd shapes cross block edges).
+# in the interpreter, whose cost is per program and per loop step, few channels per block so
+# that odd channel counts cross block edges, and long pixel blocks).
 _ELEMENTWISE = {"BLOCK_P": 64, "BLOCK_K": 64, "num_warps": 4}
-_ELEMENTWISE_INTERPRETED = {"BLOCK_P": 16, "BLOCK_K": 16}
+_ELEMENTWISE_INTERPRETED = {"BLOCK_P": 64, "BLOCK_K": 16}
 # dgrad tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and wgrad tiles (BLOCK_K,
 # BLOCK_C, BLOCK_P, num_warps, num_stages): the forward pointer path's shapes.
 _DGRAD_CONFIGS = [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
                   (128, 128, 64, 8, 3), (64, 128, 32, 4, 4)]
 _WGRAD_CONFIGS = [(128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4),
                   (64, 128, 32, 4, 4)]
-_DGRAD_INTERPRETED = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
-_WGRAD_INTERPRETED = {"BLOCK_K": 16, "BLOCK_C": 16, "BLOCK_P": 16}
+_DGRAD_INTERPRETED = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
+_WGRAD_INTERPRETED = {"BLOCK_K": 16, "BLOCK_C": 16, "BLOCK_P": 128}
 # wgrad splits its pixels so that at least this many programs per SM run.
 _WGRAD_PROGRAMS_PER_SM = 4
 
@@ -253,11 +254,11 @@ def _prune_wgrad(configs, named_args, **kwargs):
 def wgrad_splits(pixels: int, k: int, c: int, r: int, device: torch.device) -> int:
     """Splits of the pixels for the weight gradient: enough programs to fill the GPU (the
     14x14 layers have few output tiles but 12k pixels per image batch), each split at least
-    1024 pixels long (32 in the interpreter, so small tests cross splits). Independent of the
-    tile config, so the partial buffer's shape is too."""
+    1024 pixels long (256 in the interpreter, where small tests still cross splits).
+    Independent of the tile config, so the partial buffer's shape is too."""
     tiles = r * r * triton.cdiv(k, 128) * triton.cdiv(c, 128)
     wanted = triton.cdiv(_WGRAD_PROGRAMS_PER_SM * _sm_count(device), tiles)
-    shortest = 32 if interpreting() else 1024
+    shortest = 256 if interpreting() else 1024
     return max(1, min(wanted, triton.cdiv(pixels, shortest)))
 
 
