@@ -100,3 +100,29 @@ def test_row_segments_load_the_input_as_vectors(first_layer_rows):
             assert row["global_16bit_loads"] <= weights, row
         else:
             assert row["global_16bit_loads"] > weights, row
+
+
+@pytest.fixture(scope="module")
+def train_rows() -> list[dict]:
+    """The training and input-gradient kernels in every config a GPU run can launch: dgrad
+    (plain, and with the fused mask/unpool prologue), wgrad, the elementwise BN kernels, the
+    forward's statistics epilogue, and the descriptor tiles that also store the tapped
+    activation and the window codes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "vgg_kernels.backends.triton.codegen",
+                           "--kernels", "train", "--json"], env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = [row for row in rows if "error" in row]
+    assert not errors, errors
+    return rows
+
+
+def test_training_kernels_do_not_spill_and_fit_shared_memory(train_rows):
+    names = {row["config"].split()[0] for row in train_rows}
+    assert {"conv_dgrad_kernel", "conv_wgrad_kernel", "bn_relu_backward_apply_kernel",
+            "fwd"} <= names
+    for row in train_rows:
+        assert row["spill_bytes"] in (0, None), row
+        assert row["shared_bytes"] <= H100_SHARED_MEMORY, row

@@ -370,3 +370,131 @@ def test_compiled_training_step_traces_without_graph_breaks(device, large_interp
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert relative_error(a.grad, b.grad) < 1e-4
     torch._dynamo.reset()
+
+
+# -- GPU: VGG16's layers against cuDNN -----------------------------------------------------------
+
+# VGG16's distinct conv layers at 224x224: (C, K, H, pool)
+VGG16_LAYERS = [(3, 64, 224, False), (64, 64, 224, True), (64, 128, 112, False),
+                (128, 128, 112, True), (128, 256, 56, False), (256, 256, 56, True),
+                (256, 512, 28, False), (512, 512, 28, True), (512, 512, 14, False),
+                (512, 512, 14, True)]
+GPU_BATCH = 8
+
+
+def _cudnn_block(leaves, stats, pool):
+    y = F.conv2d(leaves["x"], leaves["weight"], leaves["bias"].to(leaves["x"].dtype), padding=1)
+    y = torch.relu(F.batch_norm(y, *stats, leaves["gamma"], leaves["beta"], True, 0.1, 1e-5))
+    return F.max_pool2d(y, 2) if pool else y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_gpu_training_block_matches_cudnn(layer, dtype, monkeypatch):
+    """Forward, running statistics and every gradient at batch 8 against cuDNN's conv +
+    batch_norm + relu (+ max_pool2d) in the same dtype and in float64 (fp32 without tf32 on
+    both sides). In fp32 the gradients are left to the kernel test on identical inputs (a
+    pre-activation within rounding of 0 flips an O(1) gradient in any fp32 forward)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    c, k, h, pool = layer
+    dev = torch.device("cuda")
+    base = {"x": torch.randn(GPU_BATCH, c, h, h, device=dev),
+            "weight": torch.randn(k, c, 3, 3, device=dev) / (9 * c) ** 0.5,
+            "bias": torch.randn(k, device=dev) * 0.1,
+            "gamma": torch.rand(k, device=dev) + 0.5, "beta": torch.randn(k, device=dev) * 0.2}
+    stats0 = (torch.randn(k, device=dev) * 0.1, torch.rand(k, device=dev) + 0.5)
+    out = h // 2 if pool else h
+    grad = torch.randn(GPU_BATCH, k, out, out, device=dev)
+    results = {}
+    for name, dtype_ in (("ours", dtype), ("cudnn", dtype), ("oracle", torch.float64)):
+        bn_dtype = torch.float64 if dtype_ == torch.float64 else torch.float32
+        leaves = {key: v.to(bn_dtype if key in ("bias", "gamma", "beta") else dtype_)
+                  .clone().requires_grad_(True) for key, v in base.items()}
+        stats = [s.to(bn_dtype).clone() for s in stats0]
+        x = leaves["x"].contiguous(memory_format=torch.channels_last)
+        if name == "ours":
+            y = ops.conv_bn_relu_train(x, leaves["weight"], leaves["bias"], leaves["gamma"],
+                                       leaves["beta"], *stats, pool=pool, backend="triton")
+        else:
+            y = _cudnn_block({**leaves, "x": x}, stats, pool)
+        y.backward(grad.to(dtype_))
+        results[name] = (y, leaves, stats)
+    (y, leaves, stats), (y_t, leaves_t, stats_t), (y_o, leaves_o, stats_o) = results.values()
+    assert_within_rule(y, y_t, y_o, dtype)
+    for got, want, ref in zip(stats, stats_t, stats_o, strict=True):
+        assert_within_rule(got, want, ref, dtype)
+    if dtype != torch.float32:
+        for key in ("x", "weight", "gamma", "beta"):
+            assert_within_rule(leaves[key].grad, leaves_t[key].grad, leaves_o[key].grad, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", VGG16_LAYERS, ids=lambda s: "C{}K{}H{}pool{}".format(*s))
+def test_gpu_frozen_block_input_gradient_matches_cudnn(layer, dtype, monkeypatch):
+    """A frozen block's output, tapped activation (before a pool) and input gradient at batch 8
+    against cuDNN's ops in the same dtype and in float64."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    c, k, h, pool = layer
+    x, weight, scale, shift, _ = _folded_case((GPU_BATCH, c, k, h, h, 3, pool),
+                                             torch.device("cuda"), dtype)
+    grads = [torch.randn(t.shape, device="cuda")
+             for t in _folded_reference(x, weight, scale, shift, pool, pool)]
+    results = []
+    for dtype_, fn in ((dtype, "ours"), (dtype, "cudnn"), (torch.float64, "oracle")):
+        leaf = x.detach().to(dtype_).clone().requires_grad_(True)
+        if fn == "ours":
+            out = ops.conv_bn_relu_infer(leaf, weight, scale, shift, pool=pool, activation=pool,
+                                         backend="triton")
+            outs = out if isinstance(out, tuple) else (out,)
+        else:
+            wide = torch.float64 if dtype_ == torch.float64 else torch.float32
+            outs = _folded_reference(leaf, weight.to(dtype_), scale.to(wide), shift.to(wide),
+                                     pool, pool)
+        torch.autograd.backward(outs, [g.to(dtype_) for g in grads])
+        results.append((outs, leaf.grad))
+    (outs, grad_x), (outs_t, grad_t), (outs_o, grad_o) = results
+    for got, want, oracle in zip(outs, outs_t, outs_o, strict=True):
+        assert_within_rule(got, want, oracle, dtype)
+    if dtype != torch.float32:
+        assert_within_rule(grad_x, grad_t, grad_o, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_runs_under_cuda_graphs():
+    """torch.compile(mode="reduce-overhead") of a train-mode fused network (CUDA graphs over
+    the Triton ops): the same loss and gradients as the eager fused network, over steps."""
+    torch.manual_seed(0)
+    model = _small_vgg("triton").cuda().train()
+    twin = _small_vgg("triton").cuda().train()
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 3, 16, 16, device="cuda")
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+        loss = compiled(x).square().sum()
+        loss.backward()
+        want = twin(x).square().sum()
+        want.backward()
+        assert relative_error(loss, want) < 1e-4
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            assert relative_error(a.grad, b.grad) < 1e-3
+    torch._dynamo.reset()
+
+
+def test_activation_checkpointing_over_fused_blocks(device, large_interpreter_blocks):
+    """torch.utils.checkpoint over a fused training network: the gradients of the network
+    without checkpointing (the running statistics are updated twice, as with PyTorch's BN)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = _small_vgg("triton").to(device).train()
+    twin = _small_vgg("triton").to(device).train()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 16, 16, device=device)
+    checkpoint(model, x, use_reentrant=False).square().sum().backward()
+    twin(x).square().sum().backward()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert relative_error(a.grad, b.grad) < 1e-4

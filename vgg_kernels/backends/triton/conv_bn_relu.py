@@ -181,9 +181,10 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if k >= 256 and bn < 128:
             continue
-        # the persistent descriptor path keeps its output tile in shared memory as well
-        epilogue = bm * bn * element if config.kwargs["USE_TMA"] else 0
-        if config.num_stages * (bm * bk + bk * bn) * element + epilogue > limit:
+        extras = bool(args.get("STORE_ACTIVATION") or args.get("STORE_CODES"))
+        if shared_memory_estimate(config, element, extras) > limit:
+            continue
+        if extras and not extras_fit(config):
             continue
         if not config.kwargs["USE_TMA"]:
             if config.kwargs["PROGRAMS_PER_SM"] and (not args["FLAT_K"] or bk < reduction):
@@ -204,6 +205,29 @@ def _prune_configs(configs, named_args, **kwargs):
     tma = tma[:MAX_TMA_CONFIGS_PER_SHAPE]
     kept = pointer[:MAX_CONFIGS_PER_SHAPE - len(tma)] + tma
     return kept or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
+
+
+def shared_memory_estimate(config: triton.Config, element: int, extras: bool = False) -> int:
+    """Bytes of shared memory a config needs: its pipeline stages, and for descriptor tiles the
+    output tile the persistent path stages too (twice with ``extras``: the tapped activation's
+    tile as well)."""
+    bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    epilogue = bm * bn * element * (1 + extras) if config.kwargs["USE_TMA"] else 0
+    return config.num_stages * (bm * bk + bk * bn) * element + epilogue
+
+
+def extras_fit(config: triton.Config) -> bool:
+    """Whether a config may also store the tapped activation and the window codes (the input
+    gradient's forward): the descriptor tiles that do not spill with them in sm_90a compiles
+    (python -m vgg_kernels.backends.triton.codegen --kernels train): at most 128 channels (the
+    256-channel tiles spill 24-32 bytes per thread) and not two images of 8x8 (8 bytes). The
+    pointer tiles, the fallback off Hopper, all take them (and spill with them: the full tile
+    is stored through 2-D pointers)."""
+    kwargs = config.kwargs
+    if not kwargs["USE_TMA"]:
+        return True
+    two_small_images = tile_images(kwargs) > 1 and kwargs["BLOCK_H"] * kwargs["BLOCK_W"] == 64
+    return kwargs["BLOCK_N"] <= 128 and not two_small_images
 
 
 _autotuned_kernel = None
@@ -234,6 +258,16 @@ STATS_BLOCK_M = 128
 _stats_kernel = None
 
 
+def stats_config(config: triton.Config) -> bool:
+    """Whether the training forward's conv runs ``config``: pointer tiles of STATS_BLOCK_M
+    rows, but not the 64-wide persistent tile, which spills with the statistics epilogue (192
+    bytes per thread in sm_90a compiles; python -m vgg_kernels.backends.triton.codegen
+    --kernels train)."""
+    kwargs = config.kwargs
+    return (not kwargs["USE_TMA"] and kwargs["BLOCK_M"] == STATS_BLOCK_M
+            and not (kwargs["PROGRAMS_PER_SM"] and kwargs["BLOCK_K"] == 64))
+
+
 def stats_block_rows() -> int:
     """Rows per tile of the training forward's conv: the statistics' tile size."""
     return INTERPRETER_BLOCKS["BLOCK_M"] if interpreting() else STATS_BLOCK_M
@@ -243,8 +277,7 @@ def _stats_kernel_for_launch():
     """The autotuned training-forward conv: the pointer configs of STATS_BLOCK_M rows."""
     global _stats_kernel
     if _stats_kernel is None:
-        configs = [c for c in _autotune_configs()
-                   if not c.kwargs["USE_TMA"] and c.kwargs["BLOCK_M"] == STATS_BLOCK_M]
+        configs = [c for c in _autotune_configs() if stats_config(c)]
         options = {}
         if "cache_results" in triton.autotune.__code__.co_varnames:
             options["cache_results"] = True

@@ -31,25 +31,12 @@ def _bn_relu(acc, scale_ptr, shift_ptr, cols, col_ok):
 
 
 @triton.jit
-def _window_code(a00, a01, a10, a11):
-    """The 2x2 windows' uint8 codes for the input gradient: the position (row-major) of the
-    first maximum, the element PyTorch's max-pool routes the gradient to, or 255 where that
-    maximum is not positive (the ReLU passes no gradient; NaN included). a**: the window's
-    activations as rounded to the output's type."""
-    best = tl.maximum(tl.maximum(a00, a01), tl.maximum(a10, a11))
-    code = tl.where(a00 == best, 0, tl.where(a01 == best, 1, tl.where(a10 == best, 2, 3)))
-    return tl.where(best > 0.0, code, 255).to(tl.uint8)
-
-
-@triton.jit
-def _window_quarters(x, OUTER: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x: (4 * OUTER, BLOCK_N) as (dy, dx, j) row-major; its four (OUTER, BLOCK_N) slices in
-    window order (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1)."""
-    x = tl.permute(tl.reshape(x, (2, 2, OUTER, BLOCK_N)), (2, 3, 0, 1))
-    dx0, dx1 = tl.split(x)
-    a00, a10 = tl.split(dx0)
-    a01, a11 = tl.split(dx1)
-    return a00, a01, a10, a11
+def _window_code(first, best):
+    """The 2x2 windows' uint8 codes for the input gradient: ``first``, the position
+    (row-major) of each window's first maximum, where PyTorch's max-pool routes the gradient,
+    or 255 where that maximum ``best`` is not positive (the ReLU passes no gradient; NaN
+    included). Both are taken from the activations as rounded to the output's type."""
+    return tl.where(best > 0.0, first, 255).to(tl.uint8)
 
 
 @triton.jit
@@ -179,6 +166,10 @@ def _store_rows(acc, y_ptr, a_ptr, code_ptr, pid_m, n, oh, ow, row_ok, cols, col
     (code_ptr: uint8 (N, HO, WO, K) contiguous)."""
     ROWS_OUT: tl.constexpr = BLOCK_M // 4 if POOL else BLOCK_M
     if POOL:
+        if STORE_ACTIVATION or STORE_CODES:
+            # the activations as stored: the tap, the pool and the codes all see the values
+            # PyTorch's unfused ops round (and one tile stays live, not two)
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
         if STORE_ACTIVATION:
             a_ptrs = a_ptr + (((n * 2 * HO + oh) * 2 * WO + ow) * K)[:, None] + cols[None, :]
             tl.store(a_ptrs, acc.to(a_ptr.dtype.element_ty),
@@ -187,14 +178,15 @@ def _store_rows(acc, y_ptr, a_ptr, code_ptr, pid_m, n, oh, ow, row_ok, cols, col
         local = tl.arange(0, ROWS_OUT)
         pixel_ok = first + local < M_TOTAL
         yn, yh, yw = _split_pixels(first, local, HO, WO, SPLIT32)
-        if STORE_CODES:
-            rounded = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-            a00, a01, a10, a11 = _window_quarters(rounded, ROWS_OUT, BLOCK_N)
-            c_ptrs = code_ptr + (((yn * HO + yh) * WO + yw) * K)[:, None] + cols[None, :]
-            tl.store(c_ptrs, _window_code(a00, a01, a10, a11),
-                     mask=pixel_ok[:, None] & col_ok[None, :])
         # rows p * ROWS_OUT + j are the four window positions of pooled pixel j
-        acc = _max_keep_nan(tl.reshape(acc, (4, ROWS_OUT, BLOCK_N)), 0)
+        windows = tl.reshape(acc, (4, ROWS_OUT, BLOCK_N))
+        acc = _max_keep_nan(windows, 0)
+        if STORE_CODES:
+            position = tl.min(tl.where(windows == acc[None, :, :],
+                                       tl.arange(0, 4)[:, None, None], 4), axis=0)
+            c_ptrs = code_ptr + (((yn * HO + yh) * WO + yw) * K)[:, None] + cols[None, :]
+            tl.store(c_ptrs, _window_code(position, acc),
+                     mask=pixel_ok[:, None] & col_ok[None, :])
     else:
         pixel_ok = row_ok
         yn = n
@@ -357,11 +349,12 @@ def _store_tile_codes(rounded, code_ptr, image, ph0, pw0, cols, N, HO, WO, K,
     row-major, activations rounded to the output's type), stored through pointers at pooled
     position (image, ph0, pw0) onwards, clipped at the output's edges."""
     x = tl.reshape(rounded, (BLOCK_I * OUT_H, 2, OUT_W, 2, BLOCK_N))
-    x = tl.permute(x, (0, 2, 4, 1, 3))  # (.., dy, dx) last
-    dx0, dx1 = tl.split(x)
-    a00, a10 = tl.split(dx0)
-    a01, a11 = tl.split(dx1)
-    codes = tl.reshape(_window_code(a00, a01, a10, a11), (BLOCK_I * OUT_H * OUT_W, BLOCK_N))
+    best = tl.max(tl.max(x, axis=3, keep_dims=True), axis=1, keep_dims=True)
+    positions = (tl.arange(0, 2)[None, :, None, None, None] * 2
+                 + tl.arange(0, 2)[None, None, None, :, None])
+    first = tl.min(tl.min(tl.where(x == best, positions, 4), axis=3), axis=1)
+    codes = tl.reshape(_window_code(first, tl.reshape(best, (BLOCK_I * OUT_H, OUT_W, BLOCK_N))),
+                       (BLOCK_I * OUT_H * OUT_W, BLOCK_N))
     rows = tl.arange(0, BLOCK_I * OUT_H * OUT_W)
     n = image + rows // (OUT_H * OUT_W)
     ph = ph0 + (rows // OUT_W) % OUT_H
