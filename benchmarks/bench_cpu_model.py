@@ -1,17 +1,23 @@
-"""CPU benchmark: FusedVGG('D') in eval mode on the native C++ kernels against torchvision's
-vgg16_bn eager with the same weights, in one process with torch's default threads.
+"""CPU benchmark: FusedVGG on the native C++ kernels against torchvision's VGG eager with the same
+weights, in one process with torch's default threads.
 
     python benchmarks/bench_cpu_model.py [--batch 4] [--resolution 112] [--repeats 10]
+                                         [--mode eval|train] [--config D]
                                          [--out benchmarks/results/]
 
-The bar (issue 4): eager / fused >= 1.25 at batch 4, 112x112, fp32. Variants, timed in
-interleaved rounds (one call of each per round, so load from other processes hits all alike):
-    eager           torchvision vgg16_bn as users run it (NCHW; oneDNN conv, then BN, ReLU, pool)
+Eval mode (default; FusedVGG('D') against vgg16_bn): the bar eager / fused >= 1.25 at batch 4,
+112x112, fp32. Variants, timed in interleaved rounds (one call of each per round, so load from
+other processes hits all alike):
+    eager           torchvision's model as users run it (NCHW; oneDNN conv, then BN, ReLU, pool)
     eager_cl        the same in channels_last
-    eager_folded    BN folded into the conv by hand (torch.nn.utils.fusion), NCHW
+    eager_folded    BN folded into the conv by hand (torch.nn.utils.fusion), NCHW (eval only)
     fused           FusedVGG.from_torchvision(model) on backend 'auto' (native on the CPU)
-Prints a table and writes ``<cpu-slug>-<yyyymmdd>-<short sha>-cpu_model.json`` (environment, every
-raw sample, medians, ratios, max error against a float64 eager run) into --out.
+Train mode (--mode train, default config A: vgg11_bn): one SGD step (momentum 0.9, cross-entropy,
+torchvision's classifier) per call, the same bar, at batch 32, 32x32 and batch 4, 112x112.
+Prints a table and writes ``<cpu-slug>-<yyyymmdd>-<short sha>-cpu_model.json`` (``-cpu_train``
+in train mode; environment, every raw sample, medians, ratios, max error against a float64 eager
+run: the logits in eval mode, the first conv's weight gradient after one step in train mode)
+into --out.
 """
 
 from __future__ import annotations
@@ -112,12 +118,51 @@ def _summary(samples: list[float]) -> dict[str, float]:
             "p20_s": quantile(0.2), "p80_s": quantile(0.8)}
 
 
+def _train_variants(models: dict[str, tuple[nn.Module, torch.Tensor]], x: torch.Tensor):
+    """One SGD step per call of each model (train mode, its own optimizer and batch), and the
+    error of each one's first-step first-conv weight gradient against a float64 eager step."""
+    target = torch.randint(0, 1000, (x.shape[0],))
+
+    def step_of(model: nn.Module, inputs: torch.Tensor, optimizer):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(inputs), target).backward()
+            optimizer.step()
+        return step
+
+    def probe_of(model: nn.Module) -> nn.Module:
+        """A copy in train mode with dropout off: the same function on every variant."""
+        probe = copy.deepcopy(model).train()
+        for module in probe.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+        return probe
+
+    oracle = probe_of(models["eager"][0]).double()
+    nn.functional.cross_entropy(oracle(x.double()), target).backward()
+    want = oracle.features[0].weight.grad
+    variants, errors = {}, {}
+    for name, (model, inputs) in models.items():
+        model.train()
+        probe = probe_of(model)
+        nn.functional.cross_entropy(probe(inputs), target).backward()
+        got = probe.features[0].weight.grad.double()
+        errors[name] = float((got - want).abs().max() / want.abs().max())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        variants[name] = step_of(model, inputs, optimizer)
+    return variants, errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=112)
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mode", choices=("eval", "train"), default="eval",
+                        help="eval: inference; train: one SGD step per call")
+    parser.add_argument("--config", default=None,
+                        help="torchvision name (default vgg16_bn in eval mode, vgg11_bn in train)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                         help="directory (or .json path) for the result file")
     args = parser.parse_args(argv)
@@ -125,26 +170,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     import torchvision
 
-    eager = torchvision.models.vgg16_bn(weights=None).eval()
+    train = args.mode == "train"
+    model_name = args.config or ("vgg11_bn" if train else "vgg16_bn")
+    eager = getattr(torchvision.models, model_name)(weights=None).eval()
     _randomise(eager)
+    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     fused = FusedVGG.from_torchvision(eager).eval()
     backend = resolve_backend("auto", torch.device("cpu"), torch.float32,
-                              "conv_bn_relu_infer").name
-    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
-    folded = _fold_bn(eager)
+                              "conv_bn_relu_train" if train else "conv_bn_relu_infer").name
     x = torch.randn(args.batch, 3, args.resolution, args.resolution)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    variants = {
-        "eager": lambda: eager(x),
-        "eager_cl": lambda: eager_cl(x_cl),
-        "eager_folded": lambda: folded(x),
-        "fused": lambda: fused(x),
-    }
+    if train:
+        variants, errors = _train_variants(
+            {"eager": (eager, x), "eager_cl": (eager_cl, x_cl), "fused": (fused, x)}, x)
+    else:
+        folded = _fold_bn(eager)
+        variants = {
+            "eager": lambda: eager(x),
+            "eager_cl": lambda: eager_cl(x_cl),
+            "eager_folded": lambda: folded(x),
+            "fused": lambda: fused(x),
+        }
+        with torch.no_grad():
+            oracle = copy.deepcopy(eager).double()(x.double())
+            errors = {name: float((fn().double() - oracle).abs().max() / oracle.abs().max())
+                      for name, fn in variants.items()}
 
-    with torch.no_grad():
-        oracle = copy.deepcopy(eager).double()(x.double())
-        errors = {name: float((fn().double() - oracle).abs().max() / oracle.abs().max())
-                  for name, fn in variants.items()}
+    with torch.set_grad_enabled(train):
         for _ in range(args.warmup):
             for fn in variants.values():
                 fn()
@@ -177,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": load_before,
             "load_average_after": load_after,
         },
-        "config": {"model": "vgg16_bn / FusedVGG('D')", "mode": "eval", "dtype": "float32",
-                   "batch": args.batch, "resolution": args.resolution,
-                   "repeats": args.repeats, "warmup": args.warmup},
+        "config": {"model": f"{model_name} / FusedVGG.from_torchvision", "mode": args.mode,
+                   "dtype": "float32", "batch": args.batch, "resolution": args.resolution,
+                   "repeats": args.repeats, "warmup": args.warmup,
+                   **({"step": "SGD(lr=0.01, momentum=0.9), cross-entropy"} if train else {})},
         "max_relative_error_vs_float64": errors,
         "samples_s": samples,
         "stats": stats,
@@ -188,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 "met": ratios["eager_over_fused"] >= 1.25},
     }
 
-    print(f"FusedVGG('D') eval, batch {args.batch}, {args.resolution}x{args.resolution}, fp32, "
-          f"{torch.get_num_threads()} threads, backend {backend} "
+    print(f"{model_name} {args.mode}, batch {args.batch}, {args.resolution}x{args.resolution}, "
+          f"fp32, {torch.get_num_threads()} threads, backend {backend} "
           f"({result['environment']['native'].get('cpu', 'n/a')})")
     print(f"{'variant':<14}{'median s':>10}{'p20 s':>9}{'p80 s':>9}{'eager/x':>9}{'max err':>10}")
     for name in variants:
@@ -197,14 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14}{s['median_s']:>10.4f}{s['p20_s']:>9.4f}{s['p80_s']:>9.4f}"
               f"{stats['eager']['median_s'] / s['median_s']:>9.2f}{errors[name]:>10.1e}")
     print(f"eager / fused = {ratios['eager_over_fused']:.2f} (bar 1.25: "
-          f"{'met' if result['bar']['met'] else 'NOT met'}); eager_folded / fused = "
-          f"{ratios['eager_folded_over_fused']:.2f}")
+          f"{'met' if result['bar']['met'] else 'NOT met'}); eager_cl / fused = "
+          f"{ratios['eager_cl_over_fused']:.2f}")
 
     out = Path(args.out)
     if out.suffix != ".json":
         slug = re.sub(r"[^a-z0-9]+", "-", _cpu_name().lower()).strip("-")
         day = datetime.date.today().strftime("%Y%m%d")
-        out = out / f"{slug}-{day}-{result['environment']['commit']}-cpu_model.json"
+        suite = "cpu_train" if train else "cpu_model"
+        out = out / f"{slug}-{day}-{result['environment']['commit']}-{suite}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

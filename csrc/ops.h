@@ -32,6 +32,18 @@ at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& mean, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& beta, bool pool);
+// The folded block's gradient path (CPU only): the inference block with its pool's extra
+// outputs (the full-resolution activation and the uint8 window codes), the conv's input
+// gradient (a conv with the weights flipped and transposed), and the ReLU/pool backward
+// of a folded block (see vgg_kernels/backends/reference.py, relu_pool_backward_reference).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, bool pool, bool activation, bool codes);
+at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
+    const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
+    const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool, int64_t n,
+    int64_t k, int64_t h, int64_t w);
 // "avx512", "avx2" or "generic": the conv kernel variant the next call will use.
 std::string isa();
 }  // namespace cpu

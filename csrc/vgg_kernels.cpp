@@ -9,6 +9,8 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "ops.h"
 
@@ -169,6 +171,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   return cpu::bn_relu_backward(grad, z, mean, invstd, scale, beta, pool);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, bool pool, bool activation, bool codes) {
+  check_conv(x, weight);
+  const int64_t k = weight.size(0);
+  check_channel_vector(scale, "scale", k, x, "x");
+  check_channel_vector(shift, "shift", k, x, "x");
+  check_pool_size(x, "x", pool);
+  TORCH_CHECK(pool || !(activation || codes),
+              "activation and codes are outputs of a pooled block (got pool=False)");
+  TORCH_CHECK(!activation || (x.size(2) % 2 == 0 && x.size(3) % 2 == 0),
+              "x must have even H and W for the activation next to the pool (got ", x.size(2),
+              "x", x.size(3), ")");
+  TORCH_CHECK(x.is_cpu(), "conv_bn_relu_infer_outputs runs CPU tensors (got ", x.device(), ")");
+  return cpu::conv_bn_relu_infer_outputs(x, weight, scale, shift, pool, activation, codes);
+}
+
+at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight) {
+  check_activation(grad, "grad");
+  TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (K, C, R, R) (got ", weight.dim(),
+              "-D shape ", shape_str(weight), ")");
+  TORCH_CHECK(weight.size(2) == weight.size(3) && (weight.size(2) == 1 || weight.size(2) == 3),
+              "weight must have kernel size 3x3 or 1x1 (got ", weight.size(2), "x",
+              weight.size(3), ")");
+  TORCH_CHECK(grad.size(1) == weight.size(0), "grad must have ", weight.size(0),
+              " channels to match weight (got ", grad.size(1), ")");
+  check_same_device(weight, "weight", grad, "grad");
+  TORCH_CHECK(grad.is_cpu(), "conv_dgrad runs CPU tensors (got ", grad.device(), ")");
+  if (grad.numel() == 0) {
+    return empty_channels_last({grad.size(0), weight.size(1), grad.size(2), grad.size(3)}, grad);
+  }
+  return cpu::conv_dgrad(grad, weight);
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
+    const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
+    const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool,
+    at::IntArrayRef shape) {
+  TORCH_CHECK(shape.size() == 4, "shape must be (N, K, H, W) (got ", shape, ")");
+  const int64_t n = shape[0], k = shape[1], h = shape[2], w = shape[3];
+  const std::vector<int64_t> out = {n, k, pool ? h / 2 : h, pool ? w / 2 : w};
+  check_activation(grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(out), "grad_y must have shape ",
+              at::IntArrayRef(out), " (got ", grad_y.sizes(), ")");
+  TORCH_CHECK(mask.sizes() == at::IntArrayRef(out), "mask must have shape ",
+              at::IntArrayRef(out), " (got ", mask.sizes(), ")");
+  TORCH_CHECK(pool ? mask.scalar_type() == at::kByte : mask.scalar_type() == at::kFloat,
+              "mask must be ", pool ? "the pool's uint8 codes" : "the float32 output",
+              " (got ", mask.scalar_type(), ")");
+  check_same_device(mask, "mask", grad_y, "grad_y");
+  TORCH_CHECK(grad_a.has_value() == act.has_value(),
+              "grad_a and act must be given together (a tapped activation and its gradient)");
+  if (grad_a.has_value()) {
+    for (const auto& [tensor, name] : {std::pair{*grad_a, "grad_a"}, std::pair{*act, "act"}}) {
+      TORCH_CHECK(tensor.sizes() == at::IntArrayRef({n, k, h, w}), name, " must have shape ",
+                  at::IntArrayRef({n, k, h, w}), " (got ", tensor.sizes(), ")");
+      TORCH_CHECK(tensor.scalar_type() == at::kFloat, name, " must be float32 (got ",
+                  tensor.scalar_type(), ")");
+      check_same_device(tensor, name, grad_y, "grad_y");
+    }
+  }
+  check_channel_vector(scale, "scale", k, grad_y, "grad_y");
+  TORCH_CHECK(grad_y.is_cpu(), "relu_pool_backward runs CPU tensors (got ", grad_y.device(), ")");
+  return cpu::relu_pool_backward(grad_y, mask, grad_a, act, scale, pool, n, k, h, w);
+}
+
 // "cpu=<isa> cuda=<archs>|none": what this build runs (vgg_kernels/backends/native.py reads it).
 std::string build_info() {
   std::string info = "cpu=" + cpu::isa();
@@ -211,6 +279,11 @@ TORCH_LIBRARY(vgg_kernels, m) {
   m.def("bn_relu_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
         "Tensor beta, bool pool) "
         "-> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta, Tensor grad_bias)");
+  m.def("conv_bn_relu_infer_outputs(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+        "bool pool, bool activation, bool codes) -> (Tensor y, Tensor activation, Tensor codes)");
+  m.def("conv_dgrad(Tensor grad, Tensor weight) -> Tensor");
+  m.def("relu_pool_backward(Tensor grad_y, Tensor mask, Tensor? grad_a, Tensor? act, "
+        "Tensor scale, bool pool, int[] shape) -> (Tensor grad_pre, Tensor grad_shift)");
   m.def("build_info() -> str", &vgg_kernels::build_info);
   m.def("cuda_wgmma_available() -> bool", &vgg_kernels::cuda_wgmma_available);
   m.def("cuda_last_infer_kernel() -> str", &vgg_kernels::cuda_last_infer_kernel);
@@ -221,6 +294,9 @@ TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {
   m.impl("conv_bn_stats", &vgg_kernels::conv_bn_stats);
   m.impl("bn_relu_pool", &vgg_kernels::bn_relu_pool);
   m.impl("bn_relu_backward", &vgg_kernels::bn_relu_backward);
+  m.impl("conv_bn_relu_infer_outputs", &vgg_kernels::conv_bn_relu_infer_outputs);
+  m.impl("conv_dgrad", &vgg_kernels::conv_dgrad);
+  m.impl("relu_pool_backward", &vgg_kernels::relu_pool_backward);
 }
 
 #ifdef VGG_KERNELS_WITH_CUDA

@@ -386,3 +386,33 @@ def test_parameters_to_vector_works_on_fused_vgg():
     vector = torch.nn.utils.parameters_to_vector(model.parameters())
     assert vector.numel() == sum(p.numel() for p in model.parameters())
     torch.nn.utils.vector_to_parameters(vector * 2, model.parameters())
+
+
+@pytest.mark.parametrize("backend", TRAIN_BACKENDS or ["none"])
+def test_training_steps_are_bit_identical_across_runs(backend):
+    """Two runs of the same training steps give the same bits (exact resumption of training
+    needs it): the CPU conv's threads take work items in any order, so each item keeps its own
+    statistics, merged in item order."""
+    _need(TRAIN_BACKENDS)
+    if backend == "triton":
+        pytest.skip("the Triton backend's determinism is tested in test_triton_train.py")
+
+    def run():
+        torch.manual_seed(0)
+        model = FusedVGG("A", num_classes=10, dropout=0.0, backend=backend).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(6, 3, 32, 32)
+        target = torch.randint(0, 10, (6,))
+        losses = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        return losses, model.state_dict()
+
+    (losses_a, state_a), (losses_b, state_b) = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b, strict=True))
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key

@@ -18,6 +18,9 @@ enum class Epilogue : int {
   // z = acc + bias[k]; store z; per-channel count, mean and sum of squared deviations of z
   // (conv_bn_stats)
   kBiasStats = 1,
+  // y = acc * scale[k] + shift[k], no ReLU, no pool (conv_linear: the input gradient as a conv
+  // with flipped weights)
+  kScaleShift = 2,
 };
 
 // One convolution: stride 1, kernel r x r (3 with padding 1, or 1 without), NHWC fp32.
@@ -36,9 +39,14 @@ struct ConvArgs {
   // memory format (contiguous, as nn.Conv2d keeps it, or channels_last).
   int64_t stride_wk, stride_wc, stride_wr, stride_ws;
   const float* packed_weight;  // from pack_direct / pack_winograd
-  const float* scale;          // kScaleShiftReLU: scale; kBiasStats: unused
-  const float* shift;          // kScaleShiftReLU: shift; kBiasStats: bias (may be null)
+  const float* scale;          // kScaleShiftReLU/kScaleShift: scale; kBiasStats: unused
+  const float* shift;          // kScaleShiftReLU/kScaleShift: shift; kBiasStats: bias or null
   float* y;                    // NHWC output (n, out_h, out_w, k)
+  // kScaleShiftReLU with pool, both nullable (the input gradient's forward): the
+  // full-resolution activation (n, h, w, k), and per pooled output the uint8 window code: the
+  // row-major position of the window's first maximum, or 255 where it is not positive.
+  float* activation;
+  uint8_t* codes;
 };
 
 // How a conv is split into independent work items for the glue's parallel loop.
@@ -49,12 +57,45 @@ struct ConvPlan {
   int64_t panels;           // weight panels of panel_width output channels (K rounded up)
 };
 
-// Per-channel statistics of z (kBiasStats): a thread's 3 * k doubles, (count, mean, m2) per
-// channel in three rows of k, where m2 is the sum of squared deviations from the mean. A work
-// item sums z - z0 and (z - z0)^2 in fp32 around its first pixel's z0 (a value of the same
+// The training block's BN + ReLU (+ 2x2 max-pool) backward over NHWC fp32 tensors (see
+// ops_cpu.cpp, bn_relu_backward): per-channel vectors zero-padded to a multiple of the vector
+// width; the pre-activation ((z - hi) - lo) * scale + beta rounded op by op, as bn_relu_pool.
+struct BnBackwardArgs {
+  int64_t n, k, h, w, out_h, out_w;
+  bool pool;
+  const float* z;        // (n, h, w, k)
+  const float* grad_y;   // (n, out_h, out_w, k)
+  const float* hi;       // the batch mean as hi + lo
+  const float* lo;
+  const float* invstd;
+  const float* scale;    // gamma * invstd
+  const float* beta;
+  const float* mean_g;   // apply pass: sum g / count and sum g xhat / count
+  const float* mean_gx;
+  float* grad_z;         // apply pass output (n, h, w, k)
+};
+
+// The ReLU (+ 2x2 max-pool) backward of a folded block (see ops_cpu.cpp, relu_pool_backward):
+// g is grad_y where the output y > 0 (no pool), or grad_y at each window's code position plus
+// grad_a where the tapped activation > 0 (pool); grad_pre = g * scale.
+struct MaskedGradientArgs {
+  int64_t n, k, h, w, out_h, out_w;
+  bool pool;
+  const float* grad_y;   // (n, out_h, out_w, k)
+  const float* y;        // without pool: the block's output (n, h, w, k)
+  const uint8_t* codes;  // with pool: (n, out_h, out_w, k)
+  const float* grad_a;   // with pool, nullable: a tapped activation's gradient (n, h, w, k)
+  const float* act;      //   and that activation
+  const float* scale;    // zero-padded to whole vectors
+  float* grad_pre;       // (n, h, w, k)
+};
+
+// Per-channel statistics of z (kBiasStats): a work item's 3 * k doubles, (count, mean, m2) per
+// channel in three rows of k, where m2 is the sum of squared deviations from the mean. An item
+// sums z - z0 and (z - z0)^2 in fp32 around its first pixel's z0 (a value of the same
 // distribution: no cancellation however large the mean is against the spread) and merges its
-// (count, mean, m2) into the thread's with Chan's formula in fp64; the glue merges the threads'.
-// Never E[z^2] - E[z]^2 over many values.
+// (count, mean, m2) into its rows with Chan's formula in fp64; the glue merges the items' in
+// item order (deterministic whichever thread ran which item). Never E[z^2] - E[z]^2.
 inline void merge_moments(double* count, double* mean, double* m2, double count_b,
                           double mean_b, double m2_b) {
   if (count_b == 0.0) return;
@@ -65,8 +106,8 @@ inline void merge_moments(double* count, double* mean, double* m2, double count_
   *count = total;
 }
 
-// Entry points of one instruction-set build. `stats` (kBiasStats only) points at this thread's
-// 3 * k doubles (see merge_moments), merged into across the items the thread runs. A run
+// Entry points of one instruction-set build. `stats` (kBiasStats only) points at this item's
+// 3 * k doubles (see merge_moments), zero on entry. A run
 // returns false when its input held a non-finite value that its algorithm cannot carry through
 // (Winograd's transforms turn one Inf into Inf - Inf = NaN where the convolution gives +-Inf):
 // its outputs are then wrong and the glue runs the direct algorithm instead. pack_winograd
@@ -83,6 +124,19 @@ struct KernelTable {
                         int64_t begin, int64_t end);
   bool (*run_direct)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
   bool (*run_winograd)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
+  // BN backward, rows [begin, end) of the (n * out_h) output rows (input rows without pool,
+  // pairs of input rows with it, the trailing odd one included in its image's last pair).
+  // Reduce: adds sum g, sum g * xhat to sums[0 .. k), sums[k .. 2k) (fp64; fp32 within a row).
+  // Apply: writes grad_z = scale * (g - mean_g - xhat * mean_gx) and adds it to sums[0 .. k)
+  // (the conv bias's gradient). `row` is k_pad floats of scratch.
+  void (*bn_backward_reduce)(const BnBackwardArgs& args, int64_t begin, int64_t end,
+                             double* sums, float* row);
+  void (*bn_backward_apply)(const BnBackwardArgs& args, int64_t begin, int64_t end,
+                            double* sums, float* row);
+  // Masked gradient, input rows [begin, end) of the n * h rows: writes grad_pre and adds g to
+  // sums[0 .. k) (fp64; fp32 within a row). `row` is k_pad floats of scratch.
+  void (*masked_gradient)(const MaskedGradientArgs& args, int64_t begin, int64_t end,
+                          double* sums, float* row);
 };
 
 // nullptr where the build has no such variant (the AVX ones outside x86-64 GCC/Clang).

@@ -33,6 +33,13 @@ struct Vec {
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  // x where a == b (where a > b), else y
+  static inline V select_eq(V a, V b, V x, V y) {
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_EQ_OQ));
+  }
+  static inline V select_gt(V a, V b, V x, V y) {
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GT_OQ));
+  }
   static inline V select_nan(V a, V b) {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
   }

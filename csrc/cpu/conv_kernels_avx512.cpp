@@ -37,6 +37,13 @@ struct Vec {
   static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  // x where a == b (where a > b), else y
+  static inline V select_eq(V a, V b, V x, V y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), y, x);
+  }
+  static inline V select_gt(V a, V b, V x, V y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
+  }
   static inline V select_nan(V a, V b) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), b, a);
   }

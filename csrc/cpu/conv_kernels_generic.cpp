@@ -30,6 +30,17 @@ struct Vec {
     for (int i = 0; i < kWidth; ++i) r[i] = a[i] > b[i] ? a[i] : b[i];
     return r;
   }
+  // x where a == b (where a > b), else y
+  static inline V select_eq(V a, V b, V x, V y) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = a[i] == b[i] ? x[i] : y[i];
+    return r;
+  }
+  static inline V select_gt(V a, V b, V x, V y) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = a[i] > b[i] ? x[i] : y[i];
+    return r;
+  }
   static inline V select_nan(V a, V b) {
     V r;
     for (int i = 0; i < kWidth; ++i) r[i] = a[i] != a[i] ? a[i] : b[i];

@@ -3,7 +3,8 @@
 // define:
 //   struct Vec          one SIMD register of fp32: V, kWidth, zero, load, store, bcast,
 //                       fma(a, b, c) = a * b + c, add, sub, mul, max (b where either is NaN,
-//                       as x86 maxps), select_nan(a, b) (a where a is NaN, else b)
+//                       as x86 maxps), select_nan(a, b) (a where a is NaN, else b),
+//                       select_eq / select_gt(a, b, x, y) (x where a == b / a > b, else y)
 //   kRows, kPanelVectors  the register tile: kRows output pixels x kPanelVectors vectors of
 //                       output channels (kPanelWidth = kPanelVectors * kWidth channels)
 // and after including <algorithm>, <cstdint>, <cstring>. No header may be included from here:
@@ -162,8 +163,33 @@ inline V max_nan(V a, V b) { return Vec::select_nan(a, Vec::max(a, b)); }
 
 inline V max4_nan(V a, V b, V c, V d) { return max_nan(max_nan(a, b), max_nan(c, d)); }
 
+// The pool's extra outputs (ConvArgs::activation, ::codes) for one vector of channels of a 2x2
+// window: the four activations a[q] (row-major) at NHWC offsets full[q] in the activation, and
+// the code at pooled offset `pooled`.
+inline void store_pool_extras(const ConvArgs& args, const V (&a)[4], const int64_t (&full)[4],
+                              int64_t pooled, V best, int64_t lanes) {
+  if (args.activation != nullptr) {
+    for (int q = 0; q < 4; ++q) store_lanes(args.activation + full[q], a[q], lanes);
+  }
+  if (args.codes == nullptr) return;
+  V code = Vec::bcast(255.0f);
+  for (int q = 3; q >= 0; --q) code = Vec::select_eq(a[q], best, Vec::bcast(q), code);
+  code = Vec::select_gt(best, Vec::zero(), code, Vec::bcast(255.0f));
+  float lanes_out[Vec::kWidth];
+  Vec::store(lanes_out, code);
+  for (int64_t j = 0; j < std::min<int64_t>(lanes, Vec::kWidth); ++j) {
+    args.codes[pooled + j] = static_cast<uint8_t>(lanes_out[j]);
+  }
+}
+
 inline V bn_relu(V acc, const ConvArgs& args, int64_t kg) {
   return relu(Vec::fma(acc, Vec::load(args.scale + kg), Vec::load(args.shift + kg)));
+}
+
+// kScaleShiftReLU, or kScaleShift (no ReLU).
+inline V epilogue(V acc, const ConvArgs& args, int64_t kg) {
+  const V affine = Vec::fma(acc, Vec::load(args.scale + kg), Vec::load(args.shift + kg));
+  return args.epilogue == Epilogue::kScaleShift ? affine : relu(affine);
 }
 
 inline V add_bias(V acc, const ConvArgs& args, int64_t kg) {
@@ -304,22 +330,31 @@ bool run_direct(const ConvArgs& args, int64_t item, float* scratch, double* stat
       for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
         const int64_t kg = k0 + kk;
         const int64_t left = 2 * pw * kc + kk, right = left + kc;
-        const V m = max4_nan(bn_relu(Vec::load(top + left), args, kg),
-                             bn_relu(Vec::load(top + right), args, kg),
-                             bn_relu(Vec::load(bottom + left), args, kg),
-                             bn_relu(Vec::load(bottom + right), args, kg));
+        const V a[4] = {bn_relu(Vec::load(top + left), args, kg),
+                        bn_relu(Vec::load(top + right), args, kg),
+                        bn_relu(Vec::load(bottom + left), args, kg),
+                        bn_relu(Vec::load(bottom + right), args, kg)};
+        const V m = max4_nan(a[0], a[1], a[2], a[3]);
         store_lanes(y + pw * args.k + kk, m, kvalid - kk);
+        if (args.activation != nullptr || args.codes != nullptr) {
+          const int64_t corner = ((n * args.h + 2 * group) * args.w + 2 * pw) * args.k + kg;
+          const int64_t full[4] = {corner, corner + args.k, corner + args.w * args.k,
+                                   corner + args.w * args.k + args.k};
+          store_pool_extras(args, a, full,
+                            ((n * args.out_h + group) * args.out_w + pw) * args.k + kg, m,
+                            kvalid - kk);
+        }
       }
     }
     return true;
   }
   const int64_t h = group;
   float* y = args.y + ((n * args.out_h + h) * args.out_w) * args.k + k0;
-  if (args.epilogue == Epilogue::kScaleShiftReLU) {
+  if (args.epilogue != Epilogue::kBiasStats) {
     for (int64_t w = 0; w < g.cols; ++w) {
       for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
-        store_lanes(y + w * args.k + kk, bn_relu(Vec::load(scratch + w * kc + kk), args, k0 + kk),
-                    kvalid - kk);
+        store_lanes(y + w * args.k + kk,
+                    epilogue(Vec::load(scratch + w * kc + kk), args, k0 + kk), kvalid - kk);
       }
     }
     return true;
@@ -592,9 +627,17 @@ bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* st
       V y[2][2];
       output_transform(m, y);
       if (!with_stats && args.pool) {
-        const V best = max4_nan(bn_relu(y[0][0], args, kg), bn_relu(y[0][1], args, kg),
-                                bn_relu(y[1][0], args, kg), bn_relu(y[1][1], args, kg));
-        store_lanes(args.y + ((n * args.out_h + ti) * args.out_w + tj) * args.k + kg, best, lanes);
+        const V a[4] = {bn_relu(y[0][0], args, kg), bn_relu(y[0][1], args, kg),
+                        bn_relu(y[1][0], args, kg), bn_relu(y[1][1], args, kg)};
+        const V best = max4_nan(a[0], a[1], a[2], a[3]);
+        const int64_t pooled = ((n * args.out_h + ti) * args.out_w + tj) * args.k + kg;
+        store_lanes(args.y + pooled, best, lanes);
+        if (args.activation != nullptr || args.codes != nullptr) {
+          const int64_t corner = ((n * args.h + 2 * ti) * args.w + 2 * tj) * args.k + kg;
+          const int64_t full[4] = {corner, corner + args.k, corner + args.w * args.k,
+                                   corner + args.w * args.k + args.k};
+          store_pool_extras(args, a, full, pooled, best, lanes);
+        }
         continue;
       }
       for (int r = 0; r < 2; ++r) {
@@ -610,7 +653,7 @@ bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* st
             item_stats.add(kk, z, i == 0 && r == 0 && s == 0);
             if (kk == 0) ++item_stats.count;
           } else {
-            store_lanes(out, bn_relu(y[r][s], args, kg), lanes);
+            store_lanes(out, epilogue(y[r][s], args, kg), lanes);
           }
         }
       }
@@ -620,7 +663,218 @@ bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* st
   return true;
 }
 
+// ---------------------------------------------------------------------------------------------
+// BN + ReLU (+ pool) backward of the training block. Per vector of channels: xhat and the
+// pre-activation from z exactly as bn_relu_pool computes them (a subtraction of hi, of lo, a
+// multiply by scale and an add of beta, each rounded: explicit intrinsics, no FMA), the ReLU
+// mask from pre > 0, and with pool each window's first maximum in row-major order.
+
+// The first `count` lanes of p (count < kWidth at the channel tail), zeros past them.
+inline V load_lanes(const float* p, int64_t count) {
+  if (count >= Vec::kWidth) return Vec::load(p);
+  float lanes[Vec::kWidth] = {};
+  std::memcpy(lanes, p, sizeof(float) * static_cast<size_t>(count));
+  return Vec::load(lanes);
+}
+
+struct BnChannels {
+  V hi, lo, invstd, scale, beta;
+};
+
+inline BnChannels bn_channels(const BnBackwardArgs& a, int64_t c) {
+  return {Vec::load(a.hi + c), Vec::load(a.lo + c), Vec::load(a.invstd + c),
+          Vec::load(a.scale + c), Vec::load(a.beta + c)};
+}
+
+inline V bn_centered(V z, const BnChannels& p) { return Vec::sub(Vec::sub(z, p.hi), p.lo); }
+
+inline V bn_pre(V centered, const BnChannels& p) {
+  return Vec::add(Vec::mul(centered, p.scale), p.beta);
+}
+
+// For one vector of channels of one window (or one pixel without pool): the gradients g[q]
+// reaching the BN output and xhat[q] at the window's positions q (row-major; `count` of them:
+// 4 with pool, 1 without).
+template <int kCount>
+inline void bn_gradients(const V (&z)[kCount], V grad, const BnChannels& p, V (&g)[kCount],
+                         V (&xhat)[kCount]) {
+  V act[kCount];
+  for (int q = 0; q < kCount; ++q) {
+    const V centered = bn_centered(z[q], p);
+    xhat[q] = Vec::mul(centered, p.invstd);
+    act[q] = relu(bn_pre(centered, p));
+  }
+  if (kCount == 1) {
+    g[0] = Vec::select_gt(act[0], Vec::zero(), grad, Vec::zero());
+    return;
+  }
+  V best = act[0];
+  V index = Vec::zero();
+  for (int q = 1; q < kCount; ++q) {
+    index = Vec::select_gt(act[q], best, Vec::bcast(static_cast<float>(q)), index);
+    best = Vec::select_gt(act[q], best, act[q], best);
+  }
+  const V routed = Vec::select_gt(best, Vec::zero(), grad, Vec::zero());
+  for (int q = 0; q < kCount; ++q) {
+    g[q] = Vec::select_eq(index, Vec::bcast(static_cast<float>(q)), routed, Vec::zero());
+  }
+}
+
+// Visits every channel vector of output row `row` (an input row, or with pool a pair of input
+// rows and the image's trailing odd row when `row` is its last pair): visit(count, offsets of
+// the count positions in z, offset in grad_y or -1 (no gradient: outside every window), c).
+template <typename Visit>
+inline void bn_row(const BnBackwardArgs& a, int64_t row, Visit&& visit) {
+  const int64_t k = a.k;
+  const int64_t b = row / a.out_h, r = row % a.out_h;
+  if (!a.pool) {
+    for (int64_t col = 0; col < a.w; ++col) {
+      const int64_t at = ((b * a.h + r) * a.w + col) * k;
+      visit(1, at, at, col);
+    }
+    return;
+  }
+  for (int64_t col = 0; col < a.out_w; ++col) {
+    const int64_t corner = ((b * a.h + 2 * r) * a.w + 2 * col) * k;
+    visit(4, corner, ((b * a.out_h + r) * a.out_w + col) * k, col);
+  }
+  // positions no window reads: the trailing odd column of both rows, and the trailing odd row
+  const int64_t last_row = r == a.out_h - 1 && a.h % 2 ? 2 * r + 2 : 2 * r + 1;
+  for (int64_t hh = 2 * r; hh <= last_row; ++hh) {
+    const int64_t first_col = hh < 2 * a.out_h ? 2 * a.out_w : 0;
+    for (int64_t col = first_col; col < a.w; ++col) {
+      visit(0, ((b * a.h + hh) * a.w + col) * k, -1, col);
+    }
+  }
+}
+
+inline void bn_backward_reduce(const BnBackwardArgs& a, int64_t begin, int64_t end, double* sums,
+                               float* row_sums) {
+  const int64_t k = a.k, kpad = ceil_div(k, Vec::kWidth) * Vec::kWidth;
+  for (int64_t row = begin; row < end; ++row) {
+    std::fill(row_sums, row_sums + 2 * kpad, 0.0f);
+    bn_row(a, row, [&](int count, int64_t at, int64_t grad_at, int64_t) {
+      if (count == 0) return;  // g = 0: nothing to add
+      for (int64_t c = 0; c < k; c += Vec::kWidth) {
+        const int64_t lanes = k - c;
+        const BnChannels p = bn_channels(a, c);
+        const V grad = load_lanes(a.grad_y + grad_at + c, lanes);
+        V acc_g = Vec::load(row_sums + c), acc_gx = Vec::load(row_sums + kpad + c);
+        if (count == 1) {
+          V z[1] = {load_lanes(a.z + at + c, lanes)}, g[1], xhat[1];
+          bn_gradients<1>(z, grad, p, g, xhat);
+          acc_g = Vec::add(acc_g, g[0]);
+          acc_gx = Vec::fma(g[0], xhat[0], acc_gx);
+        } else {
+          const int64_t offsets[4] = {0, k, a.w * k, a.w * k + k};
+          V z[4], g[4], xhat[4];
+          for (int q = 0; q < 4; ++q) z[q] = load_lanes(a.z + at + offsets[q] + c, lanes);
+          bn_gradients<4>(z, grad, p, g, xhat);
+          for (int q = 0; q < 4; ++q) {
+            acc_g = Vec::add(acc_g, g[q]);
+            acc_gx = Vec::fma(g[q], xhat[q], acc_gx);
+          }
+        }
+        Vec::store(row_sums + c, acc_g);
+        Vec::store(row_sums + kpad + c, acc_gx);
+      }
+    });
+    for (int64_t c = 0; c < k; ++c) {
+      sums[c] += row_sums[c];
+      sums[k + c] += row_sums[kpad + c];
+    }
+  }
+}
+
+inline void bn_backward_apply(const BnBackwardArgs& a, int64_t begin, int64_t end, double* sums,
+                              float* row_sums) {
+  const int64_t k = a.k;
+  for (int64_t row = begin; row < end; ++row) {
+    std::fill(row_sums, row_sums + ceil_div(k, Vec::kWidth) * Vec::kWidth, 0.0f);
+    bn_row(a, row, [&](int count, int64_t at, int64_t grad_at, int64_t) {
+      for (int64_t c = 0; c < k; c += Vec::kWidth) {
+        const int64_t lanes = k - c;
+        const BnChannels p = bn_channels(a, c);
+        const V mean_g = Vec::load(a.mean_g + c), mean_gx = Vec::load(a.mean_gx + c);
+        V acc = Vec::load(row_sums + c);
+        auto finish = [&](V g, V xhat, int64_t offset) {
+          // grad_z = scale * (g - mean_g - xhat * mean_gx)
+          const V value = Vec::mul(p.scale, Vec::sub(Vec::sub(g, mean_g),
+                                                     Vec::mul(xhat, mean_gx)));
+          store_lanes(a.grad_z + offset + c, value, lanes);
+          acc = Vec::add(acc, value);
+        };
+        if (count == 4) {
+          const int64_t offsets[4] = {0, k, a.w * k, a.w * k + k};
+          V z[4], g[4], xhat[4];
+          for (int q = 0; q < 4; ++q) z[q] = load_lanes(a.z + at + offsets[q] + c, lanes);
+          bn_gradients<4>(z, load_lanes(a.grad_y + grad_at + c, lanes), p, g, xhat);
+          for (int q = 0; q < 4; ++q) finish(g[q], xhat[q], at + offsets[q]);
+        } else {
+          V z[1] = {load_lanes(a.z + at + c, lanes)}, g[1], xhat[1];
+          if (count == 1) {
+            bn_gradients<1>(z, load_lanes(a.grad_y + grad_at + c, lanes), p, g, xhat);
+          } else {  // no window reads this position: no gradient reaches it
+            g[0] = Vec::zero();
+            xhat[0] = Vec::mul(bn_centered(z[0], p), p.invstd);
+          }
+          finish(g[0], xhat[0], at);
+        }
+        Vec::store(row_sums + c, acc);
+      }
+    });
+    for (int64_t c = 0; c < k; ++c) sums[c] += row_sums[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A folded block's ReLU (+ pool) backward, one input row at a time (see MaskedGradientArgs).
+
+// The first `count` lanes of p as floats (count < kWidth at the channel tail), 255 past them.
+inline V load_codes(const uint8_t* p, int64_t count) {
+  float lanes[Vec::kWidth];
+  const int64_t valid = std::min<int64_t>(count, Vec::kWidth);
+  for (int64_t j = 0; j < Vec::kWidth; ++j) lanes[j] = j < valid ? p[j] : 255.0f;
+  return Vec::load(lanes);
+}
+
+inline void masked_gradient(const MaskedGradientArgs& a, int64_t begin, int64_t end,
+                            double* sums, float* row_sums) {
+  const int64_t k = a.k;
+  for (int64_t row = begin; row < end; ++row) {
+    std::fill(row_sums, row_sums + ceil_div(k, Vec::kWidth) * Vec::kWidth, 0.0f);
+    const int64_t b = row / a.h, hh = row % a.h;
+    for (int64_t col = 0; col < a.w; ++col) {
+      const int64_t full = ((b * a.h + hh) * a.w + col) * k;
+      const bool in_window = a.pool && hh < 2 * a.out_h && col < 2 * a.out_w;
+      const int64_t pooled = ((b * a.out_h + hh / 2) * a.out_w + col / 2) * k;
+      const V mine = Vec::bcast(static_cast<float>((hh % 2) * 2 + (col % 2)));
+      for (int64_t c = 0; c < k; c += Vec::kWidth) {
+        const int64_t lanes = k - c;
+        V g = Vec::zero();
+        if (!a.pool) {
+          g = Vec::select_gt(load_lanes(a.y + full + c, lanes), Vec::zero(),
+                             load_lanes(a.grad_y + full + c, lanes), Vec::zero());
+        } else {
+          if (in_window) {
+            g = Vec::select_eq(load_codes(a.codes + pooled + c, lanes), mine,
+                               load_lanes(a.grad_y + pooled + c, lanes), Vec::zero());
+          }
+          if (a.grad_a != nullptr) {
+            g = Vec::add(g, Vec::select_gt(load_lanes(a.act + full + c, lanes), Vec::zero(),
+                                           load_lanes(a.grad_a + full + c, lanes), Vec::zero()));
+          }
+        }
+        store_lanes(a.grad_pre + full + c, Vec::mul(g, Vec::load(a.scale + c)), lanes);
+        Vec::store(row_sums + c, Vec::add(Vec::load(row_sums + c), g));
+      }
+    }
+    for (int64_t c = 0; c < k; ++c) sums[c] += row_sums[c];
+  }
+}
+
 constexpr KernelTable make_table(const char* isa) {
-  return KernelTable{isa,          kPanelWidth, &plan_direct, &plan_winograd,
-                     &pack_direct, &pack_winograd, &run_direct, &run_winograd};
+  return KernelTable{isa,          kPanelWidth,    &plan_direct,       &plan_winograd,
+                     &pack_direct, &pack_winograd, &run_direct,        &run_winograd,
+                     &bn_backward_reduce,          &bn_backward_apply, &masked_gradient};
 }

@@ -76,6 +76,8 @@ bool choose_winograd(int64_t c, int r) {
   return c >= 4;
 }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // A (panels * panel_width,) fp32 copy of a per-channel vector, zero past k, so the kernels load
 // whole vectors at the channel tail.
 at::Tensor padded_channels(const at::Tensor& t, int64_t panels, int64_t panel_width) {
@@ -94,29 +96,35 @@ struct PreparedConv {
 };
 
 // `winograd`: whether choose_winograd may pick the Winograd algorithm (false: direct).
+// `dgrad`: convolve with the weight transposed (its input channels as outputs) and flipped in
+// space, the conv whose output is the input gradient of a conv with `weight_in` (the packers
+// read it through negative strides: no copy).
 PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, bool pool,
-                          Epilogue epilogue, bool winograd = true) {
+                          Epilogue epilogue, bool winograd = true, bool dgrad = false) {
   PreparedConv prep;
   prep.table = &kernel_table();
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   // Any memory format: the packers read the weight through its strides (no copy).
   prep.weight = weight_in.to(at::kFloat);
+  const at::Tensor& wt = prep.weight;
   ConvArgs& a = prep.args;
   a.n = x.size(0);
   a.c = x.size(1);
   a.h = x.size(2);
   a.w = x.size(3);
-  a.k = prep.weight.size(0);
-  a.r = static_cast<int>(prep.weight.size(2));
-  a.stride_wk = prep.weight.stride(0);
-  a.stride_wc = prep.weight.stride(1);
-  a.stride_wr = prep.weight.stride(2);
-  a.stride_ws = prep.weight.stride(3);
+  a.k = dgrad ? wt.size(1) : wt.size(0);
+  a.r = static_cast<int>(wt.size(2));
+  a.stride_wk = dgrad ? wt.stride(1) : wt.stride(0);
+  a.stride_wc = dgrad ? wt.stride(0) : wt.stride(1);
+  a.stride_wr = dgrad ? -wt.stride(2) : wt.stride(2);
+  a.stride_ws = dgrad ? -wt.stride(3) : wt.stride(3);
   a.pool = pool;
   a.out_h = pool ? a.h / 2 : a.h;
   a.out_w = pool ? a.w / 2 : a.w;
   a.epilogue = epilogue;
   a.threads = at::get_num_threads();
+  a.activation = nullptr;
+  a.codes = nullptr;
   prep.winograd = winograd && choose_winograd(a.c, a.r);
   if (prep.winograd || a.r == 1) {
     prep.x = x;
@@ -132,7 +140,9 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
   a.x = prep.x.data_ptr<float>();
   prep.plan = prep.winograd ? prep.table->plan_winograd(a) : prep.table->plan_direct(a);
   prep.packed = at::empty({prep.plan.packed_floats}, x.options());
-  const float* w = prep.weight.data_ptr<float>();
+  // dgrad: tap (r, s) reads the weight's tap (R - 1 - r, R - 1 - s)
+  const float* w = prep.weight.data_ptr<float>() +
+                   (dgrad ? (a.r - 1) * (wt.stride(2) + wt.stride(3)) : 0);
   float* packed = prep.packed.data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, prep.plan.panels, 1, [&](int64_t begin, int64_t end) {
@@ -147,9 +157,11 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
   return prep;
 }
 
-// Runs every work item of `prep`; `stats` (nullable) holds threads x 3 x k doubles (see
-// merge_moments). Threads take items from a shared counter rather than fixed ranges: on a shared
-// machine one descheduled thread then delays the op by an item, not by half of it. Returns false
+// Runs every work item of `prep`; `stats` (nullable) receives 3 x k doubles, the (count, mean,
+// m2) rows of merge_moments. Threads take items from a shared counter rather than fixed ranges:
+// on a shared machine one descheduled thread then delays the op by an item, not by half of it.
+// Which thread runs which item varies, so each item keeps its own statistics and they are
+// merged here in item order: the same rounding, so the same bits, on every run. Returns false
 // when an item could not carry a non-finite input through its algorithm (Winograd), or the
 // packed weights are not finite: the outputs are then wrong and the caller runs direct.
 bool run_conv(const PreparedConv& prep, double* stats) {
@@ -158,16 +170,26 @@ bool run_conv(const PreparedConv& prep, double* stats) {
   const int64_t scratch_floats = prep.plan.scratch_floats;
   const int64_t k = prep.args.k;
   const int64_t items = prep.plan.items;
+  std::vector<double> item_stats(stats == nullptr ? 0 : static_cast<size_t>(items * 3 * k));
   std::atomic<int64_t> next{0};
   std::atomic<bool> ok{true};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1,
                    [&](int64_t, int64_t) {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
-    double* thread_stats = stats == nullptr ? nullptr : stats + at::get_thread_num() * 3 * k;
     for (int64_t item = next.fetch_add(1); item < items && ok; item = next.fetch_add(1)) {
-      if (!run(prep.args, item, scratch.data(), thread_stats)) ok = false;
+      double* own = stats == nullptr ? nullptr : item_stats.data() + item * 3 * k;
+      if (!run(prep.args, item, scratch.data(), own)) ok = false;
     }
   });
+  if (stats != nullptr && ok) {
+    for (int64_t item = 0; item < items; ++item) {
+      const double* row = item_stats.data() + item * 3 * k;
+      for (int64_t c = 0; c < k; ++c) {
+        merge_moments(stats + c, stats + k + c, stats + 2 * k + c, row[c], row[k + c],
+                      row[2 * k + c]);
+      }
+    }
+  }
   return ok;
 }
 
@@ -182,12 +204,12 @@ at::Tensor empty_nhwc(int64_t n, int64_t c, int64_t h, int64_t w, const at::Tens
 template <typename Setup>
 void run_with_fallback(const at::Tensor& x, const at::Tensor& weight, bool pool,
                        Epilogue epilogue, double* stats, int64_t stats_doubles,
-                       const Setup& setup) {
-  PreparedConv prep = prepare_conv(x, weight, pool, epilogue);
+                       const Setup& setup, bool dgrad = false) {
+  PreparedConv prep = prepare_conv(x, weight, pool, epilogue, /*winograd=*/true, dgrad);
   setup(prep);
   if (run_conv(prep, stats) || !prep.winograd) return;
   if (stats != nullptr) std::fill(stats, stats + stats_doubles, 0.0);
-  PreparedConv direct = prepare_conv(x, weight, pool, epilogue, /*winograd=*/false);
+  PreparedConv direct = prepare_conv(x, weight, pool, epilogue, /*winograd=*/false, dgrad);
   setup(direct);
   run_conv(direct, stats);
 }
@@ -196,29 +218,66 @@ void run_with_fallback(const at::Tensor& x, const at::Tensor& weight, bool pool,
 
 std::string isa() { return kernel_table().isa; }
 
-at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
-                              const at::Tensor& scale, const at::Tensor& shift, bool pool) {
+namespace {
+
+// The scale/shift epilogues: kScaleShiftReLU (with pool, and the pool's extra outputs where
+// `activation`/`codes` are defined) or kScaleShift.
+at::Tensor run_scale_shift(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           const at::Tensor& shift, bool pool, Epilogue epilogue,
+                           const at::Tensor& activation, const at::Tensor& codes,
+                           bool dgrad = false) {
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
-  at::Tensor y = empty_nhwc(n, weight.size(0), pool ? h / 2 : h, pool ? w / 2 : w, x);
-  run_with_fallback(x, weight, pool, Epilogue::kScaleShiftReLU, nullptr, 0,
-                    [&](PreparedConv& prep) {
+  const int64_t k = dgrad ? weight.size(1) : weight.size(0);
+  at::Tensor y = empty_nhwc(n, k, pool ? h / 2 : h, pool ? w / 2 : w, x);
+  run_with_fallback(x, weight, pool, epilogue, nullptr, 0, [&](PreparedConv& prep) {
     const int64_t width = prep.table->panel_width;
     prep.scale = padded_channels(scale, prep.plan.panels, width);
     prep.shift = padded_channels(shift, prep.plan.panels, width);
     prep.args.scale = prep.scale.data_ptr<float>();
     prep.args.shift = prep.shift.data_ptr<float>();
     prep.args.y = y.data_ptr<float>();
-  });
+    prep.args.activation = activation.defined() ? activation.data_ptr<float>() : nullptr;
+    prep.args.codes = codes.defined() ? codes.data_ptr<uint8_t>() : nullptr;
+  }, dgrad);
   return y;
+}
+
+}  // namespace
+
+at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& scale, const at::Tensor& shift, bool pool) {
+  return run_scale_shift(x, weight, scale, shift, pool, Epilogue::kScaleShiftReLU, {}, {});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, bool pool, bool activation, bool codes) {
+  const int64_t n = x.size(0), k = weight.size(0), h = x.size(2), w = x.size(3);
+  const at::Tensor act = activation ? empty_nhwc(n, k, h, w, x) : at::Tensor();
+  const at::Tensor code =
+      codes ? at::empty({n, k, h / 2, w / 2},
+                        x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast))
+            : at::Tensor();
+  at::Tensor y = run_scale_shift(x, weight, scale, shift, pool, Epilogue::kScaleShiftReLU, act,
+                                 code);
+  const at::Tensor empty = at::empty({0}, x.options());
+  return {y, act.defined() ? act : empty,
+          code.defined() ? code : at::empty({0}, x.options().dtype(at::kByte))};
+}
+
+at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight) {
+  const int64_t c = weight.size(1);
+  const at::Tensor ones = at::ones({c}, grad.options().dtype(at::kFloat));
+  return run_scale_shift(grad, weight, ones, at::zeros_like(ones), false, Epilogue::kScaleShift,
+                         {}, {}, /*dgrad=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k = weight.size(0);
   at::Tensor z = empty_nhwc(x.size(0), k, x.size(2), x.size(3), x);
-  const int64_t threads = at::get_num_threads();
-  // Per-thread fp64 (count, mean, m2) rows, merged below: see merge_moments.
-  at::Tensor partial = at::zeros({threads, 3, k}, x.options().dtype(at::kDouble));
+  // fp64 (count, mean, m2) rows: see merge_moments and run_conv
+  at::Tensor partial = at::zeros({3, k}, x.options().dtype(at::kDouble));
   double* stats = partial.data_ptr<double>();
   run_with_fallback(x, weight, false, Epilogue::kBiasStats, stats, partial.numel(),
                     [&](PreparedConv& prep) {
@@ -237,13 +296,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
   double* mean_p = mean.data_ptr<double>();
   double* var_p = var.data_ptr<double>();
   for (int64_t c = 0; c < k; ++c) {
-    double count = 0.0, mu = 0.0, m2 = 0.0;
-    for (int64_t t = 0; t < threads; ++t) {
-      const double* row = stats + t * 3 * k;
-      merge_moments(&count, &mu, &m2, row[c], row[k + c], row[2 * k + c]);
-    }
-    mean_p[c] = mu;
-    var_p[c] = count > 0.0 ? m2 / count : 0.0;
+    const double count = stats[c];
+    mean_p[c] = stats[k + c];
+    var_p[c] = count > 0.0 ? stats[2 * k + c] / count : 0.0;
   }
   return {z, mean, var};
 }
@@ -346,104 +401,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     bool pool) {
   const at::Tensor z = z_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const SplitMean mean = split_mean(mean_in);
-  const at::Tensor invstd = invstd_in.to(at::kFloat).contiguous();
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
-  const at::Tensor beta = beta_in.to(at::kFloat).contiguous();
+  const KernelTable& table = kernel_table();
   const int64_t n = z.size(0), k = z.size(1), h = z.size(2), w = z.size(3);
-  const int64_t oh = pool ? h / 2 : h, ow = pool ? w / 2 : w;
-  const float* zp = z.data_ptr<float>();
-  const float* gp = grad_y.data_ptr<float>();
-  const float* hi = mean.hi.data();
-  const float* lo = mean.lo.data();
-  const float* ip = invstd.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = beta.data_ptr<float>();
+  const int64_t width = table.panel_width;
+  const int64_t panels = ceil_div(k, width);
+  // per-channel vectors zero-padded to whole vectors (the kernels load them whole)
+  const SplitMean mean = split_mean(mean_in);
+  const at::Tensor hi = padded_channels(at::from_blob(const_cast<float*>(mean.hi.data()), {k},
+                                                      z.options()), panels, width);
+  const at::Tensor lo = padded_channels(at::from_blob(const_cast<float*>(mean.lo.data()), {k},
+                                                      z.options()), panels, width);
+  const at::Tensor invstd = padded_channels(invstd_in, panels, width);
+  const at::Tensor scale = padded_channels(scale_in, panels, width);
+  const at::Tensor beta = padded_channels(beta_in, panels, width);
+  BnBackwardArgs args{};
+  args.n = n;
+  args.k = k;
+  args.h = h;
+  args.w = w;
+  args.out_h = pool ? h / 2 : h;
+  args.out_w = pool ? w / 2 : w;
+  args.pool = pool;
+  args.z = z.data_ptr<float>();
+  args.grad_y = grad_y.data_ptr<float>();
+  args.hi = hi.data_ptr<float>();
+  args.lo = lo.data_ptr<float>();
+  args.invstd = invstd.data_ptr<float>();
+  args.scale = scale.data_ptr<float>();
+  args.beta = beta.data_ptr<float>();
+  const int64_t rows = n * args.out_h;
+  const int64_t threads = at::get_num_threads();
 
-  // g(element) = gradient reaching the BN output: grad_y through the pool (to the first maximum
-  // of each 2x2 window in row-major order, as PyTorch's max-pool does) times the ReLU mask, both
-  // from bn_pre as bn_relu_pool computed them. Calls visit(h, w, c, g, xhat) for every element
-  // of rows [h0, h1) of image b with g != 0 or `all` set; elements a floor-mode pool never reads
-  // get g = 0.
-  auto for_each_element = [&](int64_t b, int64_t h0, int64_t h1, bool all, auto&& visit) {
-    for (int64_t hh = h0; hh < h1; ++hh) {
-      for (int64_t ww = 0; ww < w; ++ww) {
-        const float* zrow = zp + ((b * h + hh) * w + ww) * k;
-        const bool in_window = !pool || (hh < 2 * oh && ww < 2 * ow);
-        for (int64_t c = 0; c < k; ++c) {
-          const float xhat = centered(zrow[c], hi[c], lo[c]) * ip[c];
-          float g = 0.0f;
-          if (in_window && bn_pre(zrow[c], hi[c], lo[c], sp[c], bp[c]) > 0.0f) {
-            if (!pool) {
-              g = gp[((b * h + hh) * w + ww) * k + c];
-            } else {
-              const int64_t ph = hh / 2, pw = ww / 2;
-              const float* corner = zp + ((b * h + 2 * ph) * w + 2 * pw) * k + c;
-              const int64_t offsets[4] = {0, k, w * k, w * k + k};
-              int best = 0;
-              float best_value = 0.0f;
-              for (int q = 0; q < 4; ++q) {
-                const float act = relu(bn_pre(corner[offsets[q]], hi[c], lo[c], sp[c], bp[c]));
-                if (q == 0 || act > best_value) {
-                  best = q;
-                  best_value = act;
-                }
-              }
-              const int mine = static_cast<int>((hh % 2) * 2 + (ww % 2));
-              if (best == mine) g = gp[((b * oh + ph) * ow + pw) * k + c];
-            }
-          }
-          if (g != 0.0f || all) visit(hh, ww, c, g, xhat);
-        }
-      }
-    }
-  };
-
-  // Pass 1: per-channel sum of g and of g * xhat (fp64 per-thread partials).
-  const int64_t rows = n * h;
-  at::Tensor partial = at::zeros({at::get_num_threads(), 2, k}, z.options().dtype(at::kDouble));
-  double* partial_p = partial.data_ptr<double>();
+  // Pass 1: per-thread fp64 sums of g and g * xhat (parallel_for's static split: the same
+  // partial sums, added in the same order, on every run).
+  at::Tensor partial = at::zeros({threads, 2, k}, z.options().dtype(at::kDouble));
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    double* sum_g = partial_p + at::get_thread_num() * 2 * k;
-    double* sum_gx = sum_g + k;
-    for (int64_t row = begin; row < end; ++row) {
-      for_each_element(row / h, row % h, row % h + 1, false,
-                       [&](int64_t, int64_t, int64_t c, float g, float xhat) {
-                         sum_g[c] += g;
-                         sum_gx[c] += static_cast<double>(g) * xhat;
-                       });
-    }
+    std::vector<float> row(static_cast<size_t>(2 * panels * width));
+    table.bn_backward_reduce(args, begin, end, partial.data_ptr<double>() +
+                                                   at::get_thread_num() * 2 * k, row.data());
   });
   const at::Tensor sums = partial.sum(0);
-  const at::Tensor grad_beta = sums[0].to(at::kFloat).contiguous();
-  const at::Tensor grad_gamma = sums[1].to(at::kFloat).contiguous();
-
-  // Pass 2: grad_z = scale * (g - (sum g + xhat * sum g xhat) / count), scale = gamma * invstd.
   const double count = static_cast<double>(n * h * w);
-  std::vector<float> mean_g(k), mean_gx(k);
-  const double* sums_p = sums.data_ptr<double>();
-  for (int64_t c = 0; c < k; ++c) {
-    mean_g[c] = static_cast<float>(sums_p[c] / count);
-    mean_gx[c] = static_cast<float>(sums_p[k + c] / count);
-  }
+  const at::Tensor mean_g = padded_channels(sums[0] / count, panels, width);
+  const at::Tensor mean_gx = padded_channels(sums[1] / count, panels, width);
+
+  // Pass 2: grad_z, and per-thread fp64 sums of it (the conv bias's gradient).
+  args.mean_g = mean_g.data_ptr<float>();
+  args.mean_gx = mean_gx.data_ptr<float>();
   at::Tensor grad_z = empty_nhwc(n, k, h, w, z);
-  float* out = grad_z.data_ptr<float>();
-  // and per-thread fp64 sums of grad_z: the conv bias's gradient, from the same pass
-  at::Tensor bias_partial = at::zeros({at::get_num_threads(), k}, partial.options());
-  double* bias_p = bias_partial.data_ptr<double>();
+  args.grad_z = grad_z.data_ptr<float>();
+  at::Tensor bias_partial = at::zeros({threads, k}, partial.options());
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    double* sum_z = bias_p + at::get_thread_num() * k;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / h;
-      for_each_element(b, row % h, row % h + 1, true,
-                       [&](int64_t hh, int64_t ww, int64_t c, float g, float xhat) {
-                         const float value = sp[c] * (g - mean_g[c] - xhat * mean_gx[c]);
-                         out[((b * h + hh) * w + ww) * k + c] = value;
-                         sum_z[c] += value;
-                       });
-    }
+    std::vector<float> row(static_cast<size_t>(panels * width));
+    table.bn_backward_apply(args, begin, end, bias_partial.data_ptr<double>() +
+                                                  at::get_thread_num() * k, row.data());
   });
-  return {grad_z, grad_gamma, grad_beta, bias_partial.sum(0).to(at::kFloat)};
+  return {grad_z, sums[1].to(at::kFloat), sums[0].to(at::kFloat),
+          bias_partial.sum(0).to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& mask_in,
+    const std::optional<at::Tensor>& grad_a_in, const std::optional<at::Tensor>& act_in,
+    const at::Tensor& scale_in, bool pool, int64_t n, int64_t k, int64_t h, int64_t w) {
+  const at::Tensor grad_y = grad_y_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor mask = mask_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const bool tapped = grad_a_in.has_value() && act_in.has_value();
+  const at::Tensor grad_a =
+      tapped ? grad_a_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const at::Tensor act = tapped ? act_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const KernelTable& table = kernel_table();
+  const int64_t panels = ceil_div(k, table.panel_width);
+  const at::Tensor scale = padded_channels(scale_in, panels, table.panel_width);
+  at::Tensor grad_pre = empty_nhwc(n, k, h, w, grad_y);
+  MaskedGradientArgs args{};
+  args.n = n;
+  args.k = k;
+  args.h = h;
+  args.w = w;
+  args.out_h = pool ? h / 2 : h;
+  args.out_w = pool ? w / 2 : w;
+  args.pool = pool;
+  args.grad_y = grad_y.data_ptr<float>();
+  args.y = pool ? nullptr : mask.data_ptr<float>();
+  args.codes = pool ? mask.data_ptr<uint8_t>() : nullptr;
+  args.grad_a = tapped ? grad_a.data_ptr<float>() : nullptr;
+  args.act = tapped ? act.data_ptr<float>() : nullptr;
+  args.scale = scale.data_ptr<float>();
+  args.grad_pre = grad_pre.data_ptr<float>();
+  // per-thread fp64 sums of g (the shift's gradient), parallel_for's static split: the same
+  // partial sums in the same order on every run
+  at::Tensor partial = at::zeros({at::get_num_threads(), k}, grad_y.options().dtype(at::kDouble));
+  at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(panels * table.panel_width));
+    table.masked_gradient(args, begin, end,
+                          partial.data_ptr<double>() + at::get_thread_num() * k, row.data());
+  });
+  return {grad_pre, partial.sum(0).to(at::kFloat)};
 }
 
 }  // namespace vgg_kernels::cpu
