@@ -7,6 +7,8 @@ Plain standard library at import; torch is imported only by the functions that n
 Knobs (environment variables):
     VGG_KERNELS_CUDA_ARCHS  GPU targets, ``;``-separated, as in TORCH_CUDA_ARCH_LIST (``8.0``,
                             ``9.0a``, ``9.0+PTX``); default TORCH_CUDA_ARCH_LIST, else ``9.0a``.
+                            Setting either builds the CUDA kernels on a machine without a
+                            visible GPU (otherwise only the CPU kernels are built there).
     VGG_KERNELS_CPU_ONLY    ``1``: build the CPU kernels only, even where nvcc is found.
     VGG_KERNELS_PTXAS_VERBOSE  ``1``: pass ``-Xptxas -v`` (registers and spills per kernel).
     MAX_JOBS                parallel compile jobs (default: the number of CPUs).
@@ -52,13 +54,31 @@ def prepare_environment() -> str | None:
     return home
 
 
-def want_cuda(cuda_home: str | None) -> bool:
-    """Build the CUDA kernels: nvcc found, torch is a CUDA build, and not VGG_KERNELS_CPU_ONLY."""
-    if cuda_home is None or _truthy("VGG_KERNELS_CPU_ONLY"):
-        return False
+def cuda_decision(cuda_home: str | None) -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why (for the build's announcement): nvcc found,
+    torch a CUDA build, not VGG_KERNELS_CPU_ONLY, and a GPU visible or GPU targets asked for
+    (VGG_KERNELS_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST): a CPU-only machine does not spend minutes
+    on kernels it cannot run unless asked to (CI asks, so they compile on every submission)."""
+    if _truthy("VGG_KERNELS_CPU_ONLY"):
+        return False, "VGG_KERNELS_CPU_ONLY is set"
+    if cuda_home is None:
+        return False, "no CUDA toolkit (nvcc) found"
     import torch
 
-    return torch.version.cuda is not None
+    if torch.version.cuda is None:
+        return False, "torch is not a CUDA build"
+    asked = os.environ.get("VGG_KERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if asked:
+        return True, f"GPU targets asked for ({asked})"
+    if torch.cuda.is_available():
+        return True, "a GPU is visible"
+    return False, ("no GPU is visible (set VGG_KERNELS_CUDA_ARCHS, e.g. 9.0a, to build the "
+                   "CUDA kernels anyway)")
+
+
+def want_cuda(cuda_home: str | None) -> bool:
+    """Build the CUDA kernels (see ``cuda_decision``)."""
+    return cuda_decision(cuda_home)[0]
 
 
 def cuda_archs() -> list[str]:

@@ -20,3 +20,16 @@ def test_main_job_help():
     result = subprocess.run([sys.executable, "-m", "vgg_kernels", "--help"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and "--config" in result.stdout
+
+
+def test_main_job_names_a_bad_config_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "vgg_kernels", "--config", "Z"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--config: config must be one of" in result.stderr
+
+
+def test_main_job_help_shows_the_defaults():
+    result = subprocess.run([sys.executable, "-m", "vgg_kernels", "--help"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert "(default: D)" in result.stdout and "(default: auto)" in result.stdout

@@ -18,6 +18,7 @@ import torch
 
 from vgg_kernels import FusedVGG, make_eager_vgg
 from vgg_kernels.backends import BACKEND_NAMES, resolve_backend
+from vgg_kernels.models.vgg import parse_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |y - y_ref| / max |y_ref| on the logits, by storage dtype; fp32 on a GPU may run as tf32
@@ -30,18 +31,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vgg_kernels",
         description="Run FusedVGG (eval mode) on the best available backend, check it against a "
-                    "float64 reference and compare its throughput with the eager model.")
+                    "float64 reference and compare its throughput with the eager model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="D",
-                        help="VGG config: A, A-LRN, B, C, D, E or a torchvision name (default D)")
+                        help="VGG config: A, A-LRN, B, C, D, E or a torchvision name")
     parser.add_argument("--no-batch-norm", action="store_true", help="build the config without BN")
-    parser.add_argument("--batch-size", type=int, default=64 if cuda else 4)
-    parser.add_argument("--resolution", type=int, default=224 if cuda else 112)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default="auto")
+    parser.add_argument("--batch-size", type=int, default=64 if cuda else 4,
+                        help="images per batch")
+    parser.add_argument("--resolution", type=int, default=224 if cuda else 112,
+                        help="input height and width (at least 32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32",
+                        help="storage dtype")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda[:N] or cpu")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
+                        help="kernels to run")
     parser.add_argument("--iters", type=int, default=20 if cuda else 3,
                         help="timed iterations per model (after one warm-up)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        parse_config(args.config, False if args.no_batch_norm else None)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--config: {error}")
+    if args.batch_size <= 0 or args.iters <= 0:
+        parser.error("--batch-size and --iters must be positive")
+    if args.resolution < 32:
+        parser.error(f"--resolution must be at least 32 (five 2x2 pools; got {args.resolution})")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N] (got {args.device!r})")
+    if args.device.startswith("cuda") and not cuda:
+        parser.error("--device cuda was given, but torch sees no CUDA device")
+    return args
 
 
 def _images_per_second(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
@@ -67,10 +86,6 @@ def _images_per_second(model: torch.nn.Module, x: torch.Tensor, iters: int) -> f
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.batch_size <= 0 or args.resolution < 32 or args.iters <= 0:
-        print("error: --batch-size and --iters must be positive, --resolution at least 32",
-              file=sys.stderr)
-        return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backend = resolve_backend(args.backend, device, dtype, "conv_bn_relu_infer").name
