@@ -13,11 +13,13 @@ other processes hits all alike):
     eager_folded    BN folded into the conv by hand (torch.nn.utils.fusion), NCHW (eval only)
     fused           FusedVGG.from_torchvision(model) on backend 'auto' (native on the CPU)
 Train mode (--mode train, default config A: vgg11_bn): one SGD step (momentum 0.9, cross-entropy,
-torchvision's classifier) per call, the same bar, at batch 32, 32x32 and batch 4, 112x112.
-Prints a table and writes ``<cpu-slug>-<yyyymmdd>-<short sha>-cpu_model.json`` (``-cpu_train``
-in train mode; environment, every raw sample, medians, ratios, max error against a float64 eager
-run: the logits in eval mode, the first conv's weight gradient after one step in train mode)
-into --out.
+torchvision's classifier) per call, the same bar, at batch 32, 32x32 and batch 4, 112x112; also
+timed: the head alone (avgpool + classifier forward, backward and SGD step on the features'
+output), which every variant runs alike, and the ratio of the steps less it.
+Prints a table and writes ``<cpu-slug>-<yyyymmdd>-<sha>-cpu_model-b<batch>-r<resolution>.json``
+(``cpu_train`` in train mode; environment, every raw sample, medians, ratios, max error against
+a float64 eager run: the logits in eval mode, the first conv's weight gradient after one step in
+train mode) into --out.
 """
 
 from __future__ import annotations
@@ -150,6 +152,16 @@ def _train_variants(models: dict[str, tuple[nn.Module, torch.Tensor]], x: torch.
         errors[name] = float((got - want).abs().max() / want.abs().max())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         variants[name] = step_of(model, inputs, optimizer)
+    # The part every variant shares: torchvision's head (avgpool, classifier) on the features'
+    # output, forward, backward and its SGD step (the classifier holds most of the parameters)
+    eager = models["eager"][0]
+    with torch.no_grad():
+        features = eager.features(x)
+    head = nn.Sequential(copy.deepcopy(eager.avgpool), nn.Flatten(1),
+                         copy.deepcopy(eager.classifier)).train()
+    variants["head"] = step_of(head, features, torch.optim.SGD(head.parameters(), lr=0.01,
+                                                                momentum=0.9))
+    errors["head"] = None
     return variants, errors
 
 
@@ -212,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     stats = {name: _summary(s) for name, s in samples.items()}
     fused_median = stats["fused"]["median_s"]
     ratios = {f"{name}_over_fused": stats[name]["median_s"] / fused_median
-              for name in variants if name != "fused"}
+              for name in variants if name not in ("fused", "head")}
+    if "head" in stats:  # the features' forward + backward alone: the step less the shared head
+        head_median = stats["head"]["median_s"]
+        ratios["features_eager_over_fused"] = ((stats["eager"]["median_s"] - head_median)
+                                               / (fused_median - head_median))
     result = {
         "suite": "cpu_model",
         "environment": {
@@ -247,18 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<14}{'median s':>10}{'p20 s':>9}{'p80 s':>9}{'eager/x':>9}{'max err':>10}")
     for name in variants:
         s = stats[name]
+        error = "n/a" if errors[name] is None else f"{errors[name]:.1e}"
         print(f"{name:<14}{s['median_s']:>10.4f}{s['p20_s']:>9.4f}{s['p80_s']:>9.4f}"
-              f"{stats['eager']['median_s'] / s['median_s']:>9.2f}{errors[name]:>10.1e}")
+              f"{stats['eager']['median_s'] / s['median_s']:>9.2f}{error:>10}")
     print(f"eager / fused = {ratios['eager_over_fused']:.2f} (bar 1.25: "
           f"{'met' if result['bar']['met'] else 'NOT met'}); eager_cl / fused = "
           f"{ratios['eager_cl_over_fused']:.2f}")
+    if "features_eager_over_fused" in ratios:
+        print(f"head (avgpool + classifier forward, backward and SGD step, shared by every "
+              f"variant): {stats['head']['median_s']:.4f} s; the step less the head: eager / "
+              f"fused = {ratios['features_eager_over_fused']:.2f}")
 
     out = Path(args.out)
     if out.suffix != ".json":
         slug = re.sub(r"[^a-z0-9]+", "-", _cpu_name().lower()).strip("-")
         day = datetime.date.today().strftime("%Y%m%d")
         suite = "cpu_train" if train else "cpu_model"
-        out = out / f"{slug}-{day}-{result['environment']['commit']}-{suite}.json"
+        shape = f"b{args.batch}-r{args.resolution}"
+        out = out / f"{slug}-{day}-{result['environment']['commit']}-{suite}-{shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
