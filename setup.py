@@ -29,6 +29,19 @@ def _load_build_config():
     return module
 
 
+def _announce(message: str) -> None:
+    """``message`` on stderr, and on the terminal when pip captures stderr (pip shows a build's
+    output only with -v): the user sees what is built, and for how long, before it starts."""
+    print(message, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as terminal:
+            terminal.write(message + "\n")
+    except OSError:  # no terminal (CI, a pipe): stderr is all there is
+        pass
+
+
 def _extension_kwargs() -> dict:
     if os.environ.get("VGG_KERNELS_SKIP_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
         print("vgg_kernels: VGG_KERNELS_SKIP_EXT is set; not building vgg_kernels._C",
@@ -54,8 +67,8 @@ def _extension_kwargs() -> dict:
     minutes = (5 if with_cuda else 1.5) * min(1.0, 2 / max(1, jobs)) ** 0.5
     what = ("CPU and CUDA kernels for " + ";".join(build.cuda_archs()) if with_cuda
             else "CPU kernels only")
-    print(f"vgg_kernels: building vgg_kernels._C with {what} ({why}); MAX_JOBS={jobs}, about "
-          f"{minutes:.0f} minute(s) here", file=sys.stderr, flush=True)
+    _announce(f"vgg_kernels: building vgg_kernels._C with {what} ({why}); MAX_JOBS={jobs}, "
+              f"about {minutes:.1f} minutes here (pip install -v shows the compile)")
     extension = kind(
         name="vgg_kernels._C",
         sources=[os.path.relpath(s, ROOT) for s in build.sources(with_cuda)],
