@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         features = model.features
         optimizer = torch.optim.SGD(features.parameters(), lr=0.01, momentum=0.9)
 
-        def step():
+        def step(features=features, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
             features(x).square().mean().backward()
             optimizer.step()

@@ -222,12 +222,18 @@ def _run_layer(spec: LayerSpec, settings: RunSettings, fused: list[str], compile
                 continue
             cases.append(_make_case(prefix, spec, name, samples, flops, peak_tflops, count,
                                     extra))
+    set_speedups(cases)
+    return cases, skipped
+
+
+def set_speedups(cases: list[dict[str, Any]]) -> None:
+    """Each case's speedup (median, and the spread's low and high ends) over the first, the
+    baseline."""
     base = cases[0]
     for case in cases:
         case["speedup"] = base["median_ms"] / case["median_ms"]
         case["speedup_low"] = base["p20_ms"] / case["p80_ms"]
         case["speedup_high"] = base["p80_ms"] / case["p20_ms"]
-    return cases, skipped
 
 
 def run_layers(settings: RunSettings, peak: dict[str, Any],
@@ -239,7 +245,18 @@ def run_layers(settings: RunSettings, peak: dict[str, Any],
     if settings.layers:
         specs = [spec for spec in specs if spec.name in settings.layers]
     suite_settings = settings.as_dict()
-    prefix = layers_prefix(suite_settings)
+    return run_layer_suite(settings, peak, log, began=began, selection=selection, specs=specs,
+                           suite_settings=suite_settings, prefix=layers_prefix(suite_settings),
+                           run_layer=_run_layer)
+
+
+def run_layer_suite(settings: RunSettings, peak: dict[str, Any], log: Callable[[str], None], *,
+                    began: float, selection, specs: list[LayerSpec],
+                    suite_settings: dict[str, Any], prefix: str, run_layer: Callable,
+                    work_factor: int = 1) -> dict[str, Any]:
+    """The per-block loop of the ``layers`` suites: ``run_layer`` times each block (inference,
+    or training with ``work_factor`` 3: forward + backward's FLOPs and bytes), stopping at an
+    interruption; returns the suite block with the per-backend geometric means."""
     element_size = torch.empty((), dtype=settings.dtype).element_size()
     cases: list[dict[str, Any]] = []
     skipped: list[dict] = [{"backend": name, "layer": None, "reason": reason}
@@ -248,14 +265,14 @@ def run_layers(settings: RunSettings, peak: dict[str, Any],
     interrupted = None
     for spec in specs:
         try:
-            mine, failed = _run_layer(spec, settings, selection.fused, selection.compile, prefix,
-                                      peak["matmul"]["tflops"])
+            mine, failed = run_layer(spec, settings, selection.fused, selection.compile, prefix,
+                                     peak["matmul"]["tflops"])
         except RunInterrupted as stop:
             interrupted = f"{stop}; {spec.name} and later layers were not measured"
             skipped.append({"backend": "*", "layer": spec.name, "reason": interrupted})
             break
-        flops = spec.flops(settings.batch)
-        nbytes = spec.min_bytes(settings.batch, element_size)
+        flops = work_factor * spec.flops(settings.batch)
+        nbytes = work_factor * spec.min_bytes(settings.batch, element_size)
         layers.append({"name": spec.name, "index": spec.index, "in_channels": spec.in_channels,
                        "out_channels": spec.out_channels, "kernel": spec.kernel,
                        "height": spec.height, "width": spec.width, "pool": spec.pool,

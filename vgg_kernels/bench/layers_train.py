@@ -31,17 +31,17 @@ from torch import nn
 from vgg_kernels import ops
 from vgg_kernels.bench.layers import (
     LayerSpec,
-    _geomean,
     _make_case,
     _relative_error,
     _short_error,
     layer_specs,
+    run_layer_suite,
+    set_speedups,
 )
 from vgg_kernels.bench.results import layers_train_prefix
 from vgg_kernels.bench.settings import (
     COMPILE,
     TIME_LIMIT_REASON,
-    RunInterrupted,
     RunSettings,
     baseline_name,
     select_backends,
@@ -158,11 +158,7 @@ def _run_train_layer(spec: LayerSpec, settings: RunSettings, fused: list[str],
             skipped.append({"backend": name, "layer": spec.name, "reason": _short_error(error)})
             continue
         cases.append(_make_case(prefix, spec, name, samples, flops, peak_tflops, count, extra))
-    base = cases[0]
-    for case in cases:
-        case["speedup"] = base["median_ms"] / case["median_ms"]
-        case["speedup_low"] = base["p20_ms"] / case["p80_ms"]
-        case["speedup_high"] = base["p80_ms"] / case["p20_ms"]
+    set_speedups(cases)
     return cases, skipped
 
 
@@ -180,46 +176,7 @@ def run_layers_train(settings: RunSettings, peak: dict[str, Any],
     suite_settings = {**settings.as_dict(), "mode": "train", "flops": FLOPS_NOTE,
                       "bytes": BYTES_NOTE, "precision": f"{settings.dtype_name} tensors and "
                                                         f"parameters, no autocast"}
-    prefix = layers_train_prefix(suite_settings)
-    element_size = torch.empty((), dtype=settings.dtype).element_size()
-    cases: list[dict[str, Any]] = []
-    skipped: list[dict] = [{"backend": name, "layer": None, "reason": reason}
-                           for name, reason in selection.skipped]
-    layers = []
-    interrupted = None
-    for spec in specs:
-        try:
-            mine, failed = _run_train_layer(spec, settings, selection.fused, selection.compile,
-                                            prefix, peak["matmul"]["tflops"])
-        except RunInterrupted as stop:
-            interrupted = f"{stop}; {spec.name} and later layers were not measured"
-            skipped.append({"backend": "*", "layer": spec.name, "reason": interrupted})
-            break
-        flops = FLOPS_FACTOR * spec.flops(settings.batch)
-        nbytes = FLOPS_FACTOR * spec.min_bytes(settings.batch, element_size)
-        layers.append({"name": spec.name, "index": spec.index, "in_channels": spec.in_channels,
-                       "out_channels": spec.out_channels, "kernel": spec.kernel,
-                       "height": spec.height, "width": spec.width, "pool": spec.pool,
-                       "flops": flops, "bytes": nbytes, "intensity": flops / nbytes})
-        cases += mine
-        skipped += failed
-        log(f"  {spec.name}: " + ", ".join(f"{c['backend']} {c['median_ms']:.3f} ms"
-                                           for c in mine))
-    geomean: dict[str, dict[str, float]] = {}
-    for backend in dict.fromkeys(c["backend"] for c in cases):
-        same = [c for c in cases if c["backend"] == backend]
-        geomean[backend] = {
-            "value": _geomean([c["speedup"] for c in same]),
-            "low": _geomean([c["speedup_low"] for c in same]),
-            "high": _geomean([c["speedup_high"] for c in same]),
-            "layers": len(same),
-        }
-    return {
-        "settings": suite_settings,
-        "wall_s": time.perf_counter() - began,
-        "layers": layers,
-        "cases": cases,
-        "skipped": skipped,
-        "summary": {"baseline": baseline_name(settings.device), "geomean_speedup": geomean},
-        "interrupted": interrupted,
-    }
+    return run_layer_suite(settings, peak, log, began=began, selection=selection, specs=specs,
+                           suite_settings=suite_settings,
+                           prefix=layers_train_prefix(suite_settings),
+                           run_layer=_run_train_layer, work_factor=FLOPS_FACTOR)
