@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 import triton
@@ -230,32 +232,40 @@ def extras_fit(config: triton.Config) -> bool:
     return kwargs["BLOCK_N"] <= 128 and not two_small_images
 
 
-_autotuned_kernel = None
+_tuned_kernels: dict[str, object] = {}
+_tuned_lock = threading.Lock()
+
+
+def autotuned(name: str, kernel, configs: Callable[[], list], key: list[str], prune,
+              cache_results: bool = False):
+    """``kernel`` autotuned over ``configs()`` (keyed by ``key``, pruned early by ``prune``),
+    built once per ``name`` however many threads make their first call at once;
+    ``cache_results`` keeps the tuned choice across processes where this Triton can."""
+    with _tuned_lock:
+        tuned = _tuned_kernels.get(name)
+        if tuned is None:
+            options = {}
+            if cache_results and "cache_results" in triton.autotune.__code__.co_varnames:
+                options["cache_results"] = True
+            tuned = triton.autotune(configs=configs(), key=key,
+                                    prune_configs_by={"early_config_prune": prune},
+                                    **options)(kernel)
+            _tuned_kernels[name] = tuned
+    return tuned
 
 
 def _kernel_for_launch():
     """The autotuned kernel on GPUs; the plain one (fixed small blocks) in the interpreter."""
-    global _autotuned_kernel
     if interpreting():
         return conv_bn_relu_fwd_kernel
-    if _autotuned_kernel is None:
-        options = {}
-        if "cache_results" in triton.autotune.__code__.co_varnames:
-            options["cache_results"] = True  # keep the tuned choice across processes
-        _autotuned_kernel = triton.autotune(
-            configs=_autotune_configs(),
-            key=["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK", "SEGMENTS",
-                 "STORE_ACTIVATION", "STORE_CODES"],
-            prune_configs_by={"early_config_prune": _prune_configs},
-            **options,
-        )(conv_bn_relu_fwd_kernel)
-    return _autotuned_kernel
+    return autotuned("infer", conv_bn_relu_fwd_kernel, _autotune_configs,
+                     ["C", "H", "W", "K", "M_TOTAL", "R", "POOL", "TMA_OK", "SEGMENTS",
+                      "STORE_ACTIVATION", "STORE_CODES"], _prune_configs, cache_results=True)
 
 
 # The training forward's conv (EPILOGUE 1) runs pointer tiles of STATS_BLOCK_M rows only: its
 # per-tile statistics buffer then has the same shape whichever config the autotuner picks.
 STATS_BLOCK_M = 128
-_stats_kernel = None
 
 
 def stats_config(config: triton.Config) -> bool:
@@ -275,24 +285,15 @@ def stats_block_rows() -> int:
 
 def _stats_kernel_for_launch():
     """The autotuned training-forward conv: the pointer configs of STATS_BLOCK_M rows."""
-    global _stats_kernel
-    if _stats_kernel is None:
-        configs = [c for c in _autotune_configs() if stats_config(c)]
-        options = {}
-        if "cache_results" in triton.autotune.__code__.co_varnames:
-            options["cache_results"] = True
-        _stats_kernel = triton.autotune(
-            configs=configs,
-            key=["C", "H", "W", "K", "M_TOTAL", "R", "SEGMENTS", "EPILOGUE"],
-            prune_configs_by={"early_config_prune": _prune_configs},
-            **options,
-        )(conv_bn_relu_fwd_kernel)
-    return _stats_kernel
+    return autotuned("stats", conv_bn_relu_fwd_kernel,
+                     lambda: [c for c in _autotune_configs() if stats_config(c)],
+                     ["C", "H", "W", "K", "M_TOTAL", "R", "SEGMENTS", "EPILOGUE"],
+                     _prune_configs, cache_results=True)
 
 
 def last_tuned_config() -> dict | None:
     """The config the autotuner chose for the most recent launch (None before any)."""
-    config = getattr(_autotuned_kernel, "best_config", None)
+    config = getattr(_tuned_kernels.get("infer"), "best_config", None)
     return None if config is None else config.all_kwargs()
 
 

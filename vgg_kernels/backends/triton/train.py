@@ -169,19 +169,11 @@ def _flipped(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _dgrad_kernel():
     if interpreting():
         return tk.conv_dgrad_kernel
-    global _DGRAD_TUNED
-    if _DGRAD_TUNED is None:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                                 num_stages=s) for m, n, k, w, s in _DGRAD_CONFIGS]
-        _DGRAD_TUNED = triton.autotune(configs, key=["N", "H", "W", "K", "C", "R", "PROLOGUE",
-                                                     "POOL", "TAPPED"],
-                                       prune_configs_by={"early_config_prune": _prune_dgrad})(
-            tk.conv_dgrad_kernel)
-    return _DGRAD_TUNED
-
-
-_DGRAD_TUNED = None
-_WGRAD_TUNED = None
+    return conv_bn_relu.autotuned(
+        "dgrad", tk.conv_dgrad_kernel,
+        lambda: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                               num_stages=s) for m, n, k, w, s in _DGRAD_CONFIGS],
+        ["N", "H", "W", "K", "C", "R", "PROLOGUE", "POOL", "TAPPED"], _prune_dgrad)
 
 
 def _prune_dgrad(configs, named_args, **kwargs):
@@ -232,15 +224,11 @@ def _conv_dgrad(launcher, g, mask, grad_a, act, scale, weight, x_shape, pool, pr
 def _wgrad_kernel():
     if interpreting():
         return tk.conv_wgrad_kernel
-    global _WGRAD_TUNED
-    if _WGRAD_TUNED is None:
-        configs = [triton.Config({"BLOCK_K": k, "BLOCK_C": c, "BLOCK_P": p}, num_warps=w,
-                                 num_stages=s) for k, c, p, w, s in _WGRAD_CONFIGS]
-        _WGRAD_TUNED = triton.autotune(configs, key=["N", "H", "W", "K", "C", "R",
-                                                     "PIXELS_PER_SPLIT"],
-                                       prune_configs_by={"early_config_prune": _prune_wgrad})(
-            tk.conv_wgrad_kernel)
-    return _WGRAD_TUNED
+    return conv_bn_relu.autotuned(
+        "wgrad", tk.conv_wgrad_kernel,
+        lambda: [triton.Config({"BLOCK_K": k, "BLOCK_C": c, "BLOCK_P": p}, num_warps=w,
+                               num_stages=s) for k, c, p, w, s in _WGRAD_CONFIGS],
+        ["N", "H", "W", "K", "C", "R", "PIXELS_PER_SPLIT"], _prune_wgrad)
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
