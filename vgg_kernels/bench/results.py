@@ -363,31 +363,34 @@ def tracked_figures(result: dict[str, Any]) -> dict[str, Figure]:
     return figures
 
 
+def _work_prefix(suite: str, settings: dict[str, Any], *middle: str) -> str:
+    """``<suite>/<config>[/<middle>...]/b<batch>/r<resolution>/<dtype>``: the part of a key
+    fixing the work."""
+    parts = [suite, settings["config"], *middle, f"b{settings['batch']}",
+             f"r{settings['resolution']}", settings["dtype"]]
+    return "/".join(str(part) for part in parts)
+
+
 def layers_prefix(settings: dict[str, Any]) -> str:
-    """``layers/<config>/b<batch>/r<resolution>/<dtype>``: the part of a key fixing the work."""
-    return (f"layers/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
-            f"{settings['dtype']}")
+    """``layers/<config>/b<batch>/r<resolution>/<dtype>``."""
+    return _work_prefix("layers", settings)
 
 
 def model_prefix(settings: dict[str, Any]) -> str:
     """``model/<config>/b<batch>/r<resolution>/<dtype>``."""
-    return (f"model/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
-            f"{settings['dtype']}")
+    return _work_prefix("model", settings)
 
 
 def layers_train_prefix(settings: dict[str, Any]) -> str:
     """``layers-train/<config>/b<batch>/r<resolution>/<dtype>`` (``layers --mode train``)."""
-    return (f"layers-train/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
-            f"{settings['dtype']}")
+    return _work_prefix("layers-train", settings)
 
 
 def perceptual_prefix(settings: dict[str, Any]) -> str:
     """``perceptual/<config>/<tap>+<tap>.../b<batch>/r<resolution>/<dtype>``."""
-    return (f"perceptual/{settings['config']}/{'+'.join(settings['taps'])}/b{settings['batch']}"
-            f"/r{settings['resolution']}/{settings['dtype']}")
+    return _work_prefix("perceptual", settings, "+".join(settings["taps"]))
 
 
 def memory_prefix(settings: dict[str, Any]) -> str:
     """``memory/<config>/b<batch>/r<resolution>/<dtype>``."""
-    return (f"memory/{settings['config']}/b{settings['batch']}/r{settings['resolution']}/"
-            f"{settings['dtype']}")
+    return _work_prefix("memory", settings)
