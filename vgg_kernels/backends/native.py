@@ -279,10 +279,8 @@ class NativeBackend(TorchGradients):
         """On CPU tensors with at least WGRAD_GEMM_MIN_CHANNELS input channels, one GEMM of the
         gradient with the input's R x R shifted copies (MKL's sgemm through torch.matmul), else
         (the RGB first layer, or shifted copies over WGRAD_GEMM_MAX_BYTES) oneDNN's weight
-        gradient. Summed over VGG11's layers on a 2-core Zen 4: 99 ms against oneDNN's 232 at
-        batch 32, 32x32 (2x2 layers 6.5 against 52 ms; the 16x16 one 16.8 against 12.7) and 148
-        against 228 at batch 4, 112x112; the first layer is oneDNN's (2.2 against 4.3 ms at
-        batch 32, 32x32)."""
+        gradient (the small 2x2 and 4x4 layers are where the GEMM gains most over it;
+        benchmarks/profile_cpu_train.py shows each op's share of a training step)."""
         k, c, r, _ = weight_shape
         n, _, h, w = x.shape
         shifted_bytes = n * h * w * r * r * c * x.element_size()
