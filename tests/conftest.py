@@ -73,6 +73,25 @@ def assert_within_rule(actual: torch.Tensor, torch_result: torch.Tensor,
         f"{TOLERANCES[dtype]:.1e}; {error_report(actual, oracle)}")
 
 
+def assert_network_within_rule(actual: dict[str, torch.Tensor],
+                               torch_result: dict[str, torch.Tensor],
+                               oracle: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The error rule over a whole network's tensors (gradients, statistics, by name): the
+    largest relative error among ``actual`` is within ERROR_FACTOR x the largest among torch's
+    results + the dtype's atol. Rounding compounds through a network in training differently
+    for any two correct implementations, tensor by tensor; its worst case is what a network's
+    accuracy is judged by."""
+    assert actual.keys() == torch_result.keys() == oracle.keys()
+    ours = {name: relative_error(actual[name], oracle[name]) for name in oracle}
+    theirs = {name: relative_error(torch_result[name], oracle[name]) for name in oracle}
+    worst = max(ours, key=ours.get)
+    bound = ERROR_FACTOR * max(theirs.values()) + TOLERANCES[dtype]
+    assert ours[worst] <= bound, (
+        f"{dtype}: {worst}: relative error {ours[worst]:.3e} > {ERROR_FACTOR} x torch's worst "
+        f"{max(theirs.values()):.3e} + {TOLERANCES[dtype]:.1e}; "
+        f"{error_report(actual[worst], oracle[worst])}")
+
+
 def is_bias_before_train_bn(model: torch.nn.Module, key: str) -> bool:
     """Whether state_dict ``key`` of a torchvision-layout VGG is a conv bias followed by BN: in
     training d loss / d bias is exactly 0 there, and both sides hold only rounding noise."""

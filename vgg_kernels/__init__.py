@@ -2,6 +2,7 @@
 
 from vgg_kernels import ops
 from vgg_kernels.backends import BACKEND_ENV, BackendFallbackWarning, available_backends
+from vgg_kernels.fusion import FusionReport, fuse, fusion_report
 from vgg_kernels.layers import FusedConvBNReLU, FusedSequential
 from vgg_kernels.models import CONFIGS, FusedVGG, VGGFeatures, make_eager_vgg
 
@@ -14,8 +15,11 @@ __all__ = [
     "FusedConvBNReLU",
     "FusedSequential",
     "FusedVGG",
+    "FusionReport",
     "VGGFeatures",
     "available_backends",
+    "fuse",
+    "fusion_report",
     "make_eager_vgg",
     "ops",
     "__version__",

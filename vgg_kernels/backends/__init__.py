@@ -111,22 +111,30 @@ def _resolve(asked: str, device_type: str, device_index: int, dtype_name: str, o
         reason = backend.unavailable_reason(device, dtype, op)
         if reason is None:
             if first_reason is not None:
-                key = (asked, name, first_reason[1])
-                with _WARN_LOCK:  # one warning, also when threads fall back at once
-                    first = key not in _WARNED
-                    _WARNED.add(key)
-                if first:
-                    warnings.warn(
-                        f"vgg_kernels: backend {asked!r} asked for {op} on {device_type} "
-                        f"{dtype_name}; running {name!r} instead because backend "
-                        f"{first_reason[0]!r} {first_reason[1]}",
-                        BackendFallbackWarning,
-                        stacklevel=4,
-                    )
+                warn_fallback(asked, name, op, device, dtype, *first_reason, stacklevel=5)
             return name
         if first_reason is None:
             first_reason = (name, reason)
     raise RuntimeError(f"vgg_kernels: no backend can run {op} on {device_type} {dtype_name}")
+
+
+def warn_fallback(asked: str, used: str, op: str, device: torch.device, dtype: torch.dtype,
+                  failed: str, reason: str, stacklevel: int = 4) -> None:
+    """The one warning of a fallback: backend ``failed`` (which ``asked`` chose) cannot run
+    ``op`` for ``reason``, so ``used`` runs it. Once per (asked, used, reason), also when
+    threads fall back at once."""
+    key = (asked, used, reason)
+    with _WARN_LOCK:
+        first = key not in _WARNED
+        _WARNED.add(key)
+    if first:
+        dtype_name = str(dtype).replace("torch.", "")
+        warnings.warn(
+            f"vgg_kernels: backend {asked!r} asked for {op} on {device.type} {dtype_name}; "
+            f"running {used!r} instead because backend {failed!r} {reason}",
+            BackendFallbackWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _resolve_constant(asked: str, device_type: str, device_index: int, dtype_name: str,
@@ -145,6 +153,21 @@ def resolve_backend(asked: str, device: torch.device, dtype: torch.dtype, op: st
     index = -1 if device.index is None else device.index
     name = _resolve_constant(asked, device.type, index, str(dtype).replace("torch.", ""), op)
     return _REGISTRY[name]
+
+
+def planned_backend(asked: str, device: torch.device, dtype: torch.dtype, op: str
+                    ) -> tuple[str, str | None]:
+    """The backend that would run ``op`` and, when it is not the first choice, the sentence
+    saying why that one cannot; warns nothing (for reports)."""
+    _load_builtin_backends()
+    first_reason: str | None = None
+    for name in _candidates(asked, device.type):
+        reason = _REGISTRY[name].unavailable_reason(device, dtype, op)
+        if reason is None:
+            return name, first_reason
+        if first_reason is None:
+            first_reason = f"backend {name!r} {reason}"
+    return "none", first_reason
 
 
 def available_backends(device: torch.device, dtype: torch.dtype,

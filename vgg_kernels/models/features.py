@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from vgg_kernels.layers import FusedSequential
-from vgg_kernels.models.vgg import CONFIGS, make_layers, parse_config
+from vgg_kernels.backends import check_backend_name
+from vgg_kernels.fusion import fuse
+from vgg_kernels.layers import run_modules
+from vgg_kernels.models.vgg import CONFIGS, first_conv, make_layers, parse_config
 
 # LPIPS's and most perceptual losses' taps: the last ReLU of each of VGG16's five stages.
 LPIPS_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
@@ -76,7 +78,9 @@ class VGGFeatures(nn.Module):
         self._positions = dict(zip(indices, (str(t) for t in taps), strict=True))
         self._keys = {str(t): t for t in taps}
         depth = max(indices) + 1
-        self.features = FusedSequential(*make_layers(letter, bn)[:depth], backend=backend)
+        check_backend_name(backend)
+        self.backend = backend
+        self.features = fuse(nn.Sequential(*make_layers(letter, bn)[:depth]), backend=backend)
         self.layer_names = tuple(names[:depth])
         if state_dict is not None:
             self.load_state_dict(state_dict, strict=True)
@@ -119,9 +123,12 @@ class VGGFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str | int, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x must be a 4-D tensor (N, 3, H, W) (got shape "
+        conv = first_conv(self.features)
+        channels = conv.in_channels if conv is not None else 3
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"x must be a 4-D tensor (N, {channels}, H, W) (got shape "
                              f"{tuple(x.shape)})")
         x = x.contiguous(memory_format=torch.channels_last)
-        _, tapped = self.features.forward_with_taps(x, self._positions)
+        backend = getattr(self.features, "backend", self.backend)
+        _, tapped = run_modules(list(self.features), x, backend, self._positions)
         return {self._keys[str(tap)]: tapped[str(tap)] for tap in self.taps}

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vgg_kernels import ops
 from vgg_kernels.backends import check_backend_name
-from vgg_kernels.layers import FusedSequential, _tracing
+from vgg_kernels.checks import autocast_dtype, dtype_name
+from vgg_kernels.fusion import fuse
+from vgg_kernels.layers import _tracing
 
 # An int is a 3x3 conv with that many output channels, (k, 1) a 1x1 conv, "M" a 2x2/2 max-pool,
 # "LRN" LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2).
@@ -131,17 +132,34 @@ def make_layers(config: str, batch_norm: bool) -> list[nn.Module]:
     return layers
 
 
+def first_conv(features: nn.Module) -> nn.Conv2d | None:
+    """The first ``nn.Conv2d`` of a ``features`` container (None if it holds none)."""
+    return next((m for m in features.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def halving_pools(features: nn.Module) -> int:
+    """How many 2x2/2 max-pools ``features`` holds: an input must be at least 2 ** that wide
+    and high."""
+    def halves(m: nn.Module) -> bool:
+        return isinstance(m, nn.MaxPool2d) and m.kernel_size in (2, (2, 2)) and (
+            m.stride in (2, (2, 2)) or m.stride is None)
+
+    return sum(1 for m in features.modules() if halves(m))
+
+
 class FusedVGG(nn.Module):
     """VGG whose every conv + BN + ReLU (+ following max-pool) runs as one fused block.
 
     ``FusedVGG('D')`` is torchvision's ``vgg16_bn``; ``FusedVGG('D', batch_norm=False)`` or
-    ``FusedVGG('vgg16')`` its ``vgg16``. The module tree is torchvision's: ``features`` holds
-    the same ``Conv2d``, ``BatchNorm2d``, ``ReLU`` and ``MaxPool2d`` modules at the same indices
-    (a ``FusedSequential``, which executes the runs fused, in any slice), then ``avgpool`` and
-    ``classifier``; parameter and buffer names, state_dict keys, hooks and feature extraction
-    are torchvision's. A-LRN and C follow the same layout rules.
+    ``FusedVGG('vgg16')`` its ``vgg16``. It is torchvision's module tree after
+    ``vgg_kernels.fuse``: ``features`` holds the same ``Conv2d``, ``BatchNorm2d``, ``ReLU`` and
+    ``MaxPool2d`` modules at the same indices (a ``FusedSequential``, which executes the runs
+    fused, in any slice), then ``avgpool`` and ``classifier``; parameter and buffer names,
+    state_dict keys, hooks and feature extraction are torchvision's. A-LRN and C follow the same
+    layout rules. Edits work as on torchvision's model: a new first conv, a cut ``features``.
 
-    Input: (N, 3, H, W) with H, W >= 32 (five 2x2 pools); it is converted to channels_last once.
+    Input: (N, C, H, W) with C the first conv's ``in_channels`` (3) and H, W at least 2 ** (the
+    max-pools in ``features``); it is converted to channels_last once.
     Output: (N, num_classes) logits.
     """
 
@@ -151,24 +169,23 @@ class FusedVGG(nn.Module):
         super().__init__()
         self.config, self.batch_norm = parse_config(config, batch_norm)
         _check_common_args(num_classes, dropout)
-        self.in_channels = 3
-        self.features = FusedSequential(*make_layers(self.config, self.batch_norm),
-                                        backend=backend)
-        self.num_pools = sum(1 for item in CONFIGS[self.config] if item == "M")
+        check_backend_name(backend)
+        self.features = nn.Sequential(*make_layers(self.config, self.batch_norm))
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = _make_classifier(num_classes, dropout)
         if init_weights:
             _init_weights(self)
+        fuse(self, backend=backend)
 
     @property
     def backend(self) -> str:
         """The kernels ``features`` runs on: ``'auto'``, ``'triton'``, ``'native'`` or
         ``'reference'`` (settable)."""
-        return self.features.backend
+        return getattr(self.features, "backend", "auto")
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self.features.backend = check_backend_name(name)
+        fuse(self, backend=check_backend_name(name))
 
     @classmethod
     def from_torchvision(cls, model: nn.Module, *, backend: str = "auto") -> FusedVGG:
@@ -205,31 +222,35 @@ class FusedVGG(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``TypeError``/``ValueError`` naming what is wrong with a model input."""
+        """Raise ``TypeError``/``ValueError`` naming what is wrong with a model input, judged
+        from the modules there now (the first conv's channels, the pools in ``features``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor (got {x.dtype})")
+        conv = first_conv(self.features)
+        channels = conv.in_channels if conv is not None else x.shape[1] if x.dim() > 1 else 0
         if x.dim() != 4:
-            raise ValueError(f"x must be a 4-D tensor (N, 3, H, W); got {x.dim()}-D shape "
-                             f"{tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have {self.in_channels} channels (got {x.shape[1]})")
+            raise ValueError(f"x must be a 4-D tensor (N, {channels}, H, W); got {x.dim()}-D "
+                             f"shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"x must have {channels} channels, the first conv's in_channels "
+                             f"(got {x.shape[1]})")
         parameter = next(self.parameters(), None)
         if parameter is not None:
             if x.device != parameter.device:
                 raise ValueError(f"x must be on the model's device {parameter.device} (got "
                                  f"{x.device})")
             # under torch.autocast the convolutions and linear layers cast their operands
-            if x.dtype != parameter.dtype and ops.autocast_dtype(x.device) is None:
-                raise TypeError(f"x must be {str(parameter.dtype).replace('torch.', '')} like "
-                                f"the model's parameters (got "
-                                f"{str(x.dtype).replace('torch.', '')}); cast one of them, or "
+            if x.dtype != parameter.dtype and autocast_dtype(x.device) is None:
+                raise TypeError(f"x must be {dtype_name(parameter.dtype)} like the model's "
+                                f"parameters (got {dtype_name(x.dtype)}); cast one of them, or "
                                 f"run the model under torch.autocast")
-        least = 2 ** self.num_pools
+        pools = halving_pools(self.features)
+        least = 2 ** pools
         if x.shape[2] < least or x.shape[3] < least:
-            raise ValueError(f"x must be at least {least}x{least} for config {self.config!r} "
-                             f"({self.num_pools} max-pools); got {x.shape[2]}x{x.shape[3]}")
+            raise ValueError(f"x must be at least {least}x{least} for the {pools} 2x2 "
+                             f"max-pools in features; got {x.shape[2]}x{x.shape[3]}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _tracing():  # tracers record torchvision's graph: modules and flatten only

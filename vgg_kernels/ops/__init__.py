@@ -18,6 +18,13 @@ from vgg_kernels.backends.reference import (
     conv_bn_relu_infer_backward,
     conv_bn_relu_infer_reference,
 )
+from vgg_kernels.checks import (
+    autocast_dtype,
+    check_batch_norm_eps,
+    check_channel_vector,
+    check_conv_inputs,
+    check_infer_inputs,
+)
 
 __all__ = [
     "fold_bn",
@@ -28,84 +35,6 @@ __all__ = [
     "check_infer_inputs",
     "TrainRecipe",
 ]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_conv_inputs(x: torch.Tensor, weight: torch.Tensor, pool: bool = False) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the argument when ``x``/``weight`` do not fit.
-
-    x: (N, C, H, W) floating point; weight: (K, C, R, R) with R in {1, 3}, on ``x``'s device.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor (got {type(weight).__name__})")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"x must be a floating-point tensor (float32, float16, bfloat16 or float64); "
-            f"got {x.dtype}"
-        )
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W); got {x.dim()}-D shape "
-                         f"{tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D tensor (K, C, R, R); got {weight.dim()}-D")
-    k_h, k_w = weight.shape[-2:]
-    if k_h != k_w or k_h not in (1, 3):
-        raise ValueError(f"weight must have kernel size 3x3 or 1x1; got {k_h}x{k_w}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x must have {weight.shape[1]} channels to match weight "
-                         f"(got {x.shape[1]})")
-    if x.shape[1] == 0:
-        raise ValueError("x must have at least 1 channel (got 0)")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least 1 output channel (got 0)")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor (got {weight.dtype})")
-    if x.device != weight.device:
-        raise ValueError(f"weight must be on x's device {x.device} (got {weight.device})")
-    if pool and x.shape[0] > 0 and (x.shape[2] < 2 or x.shape[3] < 2):
-        raise ValueError(f"x must be at least 2x2 for the fused 2x2 max-pool; got "
-                         f"{x.shape[2]}x{x.shape[3]}")
-
-
-def _check_channel_vector(name: str, t: torch.Tensor | None, k: int, device: torch.device) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (got {type(t).__name__})")
-    if t.dim() != 1 or t.shape[0] != k:
-        raise ValueError(f"{name} must have shape ({k},) (got {tuple(t.shape)})")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (got {t.dtype})")
-    if t.device != device:
-        raise ValueError(f"{name} must be on x's device {device} (got {t.device})")
-
-
-def check_infer_inputs(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       shift: torch.Tensor, pool: bool = False) -> None:
-    """``check_conv_inputs`` plus fp (K,) ``scale`` and ``shift`` on ``x``'s device."""
-    check_conv_inputs(x, weight, pool)
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is None:
-            raise TypeError(f"{name} must be a torch.Tensor (got None)")
-        _check_channel_vector(name, t, weight.shape[0], x.device)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` gives convolutions on ``device``'s type right now; None when
-    autocast is off there."""
-    kind = device.type
-    if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4
-        return None
-    try:
-        if not torch.is_autocast_enabled(kind):
-            return None
-        return torch.get_autocast_dtype(kind)
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        return None
-
 
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,24 +53,81 @@ def fold_bn(conv_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
             running_var: torch.Tensor | None, bn_weight: torch.Tensor | None,
             bn_bias: torch.Tensor | None, eps: float, out_channels: int,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold eval-mode BatchNorm (and the conv bias) into a per-channel fp32 scale and shift.
+    """Fold eval-mode BatchNorm (and the conv bias) into a per-channel scale and shift.
 
     ``bn(conv(x) + b) = conv(x) * scale + shift`` with ``scale = gamma / sqrt(var + eps)`` and
     ``shift = beta + (b - mean) * scale``. Absent statistics mean no BatchNorm (scale 1); absent
-    ``bn_weight``/``bn_bias`` mean ``affine=False``. Differentiable.
+    ``bn_weight``/``bn_bias`` mean ``affine=False``. fp32, or float64 when any input is float64
+    (a float64 model keeps float64 accuracy). Differentiable; K numbers, computed on every call
+    (nothing derived from the parameters is cached).
     """
-    f32 = torch.float32
-    bias = (torch.zeros(out_channels, device=device, dtype=f32) if conv_bias is None
-            else conv_bias.to(f32))
+    given = [t for t in (conv_bias, running_mean, running_var, bn_weight, bn_bias)
+             if t is not None]
+    dtype = torch.float32
+    for t in given:
+        dtype = torch.promote_types(dtype, t.dtype)
+    bias = (torch.zeros(out_channels, device=device, dtype=dtype) if conv_bias is None
+            else conv_bias.to(dtype))
     if running_mean is None or running_var is None:
-        return torch.ones(out_channels, device=device, dtype=f32), bias
-    scale = torch.rsqrt(running_var.to(f32) + eps)
+        return torch.ones(out_channels, device=device, dtype=dtype), bias
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.to(f32)
-    shift = (bias - running_mean.to(f32)) * scale
+        scale = scale * bn_weight.to(dtype)
+    shift = (bias - running_mean.to(dtype)) * scale
     if bn_bias is not None:
-        shift = shift + bn_bias.to(f32)
+        shift = shift + bn_bias.to(dtype)
     return scale, shift
+
+
+# -- function transforms -------------------------------------------------------------------------
+
+def forward_mode_ad(*tensors: torch.Tensor | None) -> bool:
+    """Whether forward-mode AD sees these tensors: ``torch.func.jvp`` (the innermost functorch
+    transform is Jvp) or dual tensors of ``torch.autograd.forward_ad``. The kernels have no
+    forward-mode derivative; the ops run PyTorch's there (the reference backend)."""
+    from torch._C._functorch import TransformType
+
+    if torch.compiler.is_compiling():  # a compiled graph has no forward-mode AD
+        return False
+    if _innermost_transform() == TransformType.Jvp:
+        return True
+    from torch.autograd import forward_ad
+
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
+
+
+def _vmap_by_loop(function, info, in_dims, args):
+    """``vmap`` rule of an autograd Function: ``function.apply`` on each slice of the vmapped
+    dimension, outputs stacked along a new dimension 0 (every output is per slice)."""
+    outputs = []
+    for i in range(info.batch_size):
+        sliced = [a.select(d, i) if d is not None else a
+                  for a, d in zip(args, in_dims, strict=True)]
+        outputs.append(function.apply(*sliced))
+    if isinstance(outputs[0], tuple):
+        stacked = tuple(torch.stack([o[j] for o in outputs]) for j in range(len(outputs[0])))
+        return stacked, (0,) * len(stacked)
+    return torch.stack(outputs), 0
+
+
+def _vmap_per_image(function, info, in_dims, args):
+    """``vmap`` rule of a Function that treats each image alone (inference blocks): with only
+    the input x (argument 0) vmapped, the vmapped dimension joins the batch dimension and one
+    call does all; otherwise ``_vmap_by_loop``."""
+    if in_dims[0] is None or any(d is not None for d in in_dims[1:]):
+        return _vmap_by_loop(function, info, in_dims, args)
+    x = args[0].movedim(in_dims[0], 0)
+    batch, n = x.shape[:2]
+    outputs = function.apply(x.flatten(0, 1), *args[1:])
+
+    def split(t):
+        return t.unflatten(0, (batch, n)) if t.dim() == 4 and t.shape[0] == batch * n else (
+            t.expand(batch, *t.shape))
+
+    if isinstance(outputs, tuple):
+        return tuple(split(t) for t in outputs), (0,) * len(outputs)
+    return split(outputs), 0
 
 
 def _first_order_only(function_name: str):
@@ -155,7 +141,7 @@ def _first_order_only(function_name: str):
         def wrapper(ctx, *grads):
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or _under_functorch():
                 return outputs
             message = (f"vgg_kernels: {function_name} does not support double backward "
                        f"(a backward through gradients taken with create_graph=True); "
@@ -170,15 +156,46 @@ def _first_order_only(function_name: str):
     return wrap
 
 
+def _innermost_transform():
+    """The innermost active torch.func transform (a ``TransformType``), or None; None while
+    torch.compile traces (its graphs handle transforms themselves)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - torch without functorch's C API
+        return None
+    interpreter = peek_interpreter_stack()
+    return None if interpreter is None else interpreter.key()
+
+
+def _vmapped() -> bool:
+    """Whether the innermost torch.func transform is vmap: the ops then go through autograd
+    Functions, whose vmap rules run the kernels on the whole batch (or slice by slice)."""
+    from torch._C._functorch import TransformType
+
+    return _innermost_transform() == TransformType.Vmap
+
+
+def _under_functorch() -> bool:
+    """Whether a torch.func transform is active (its gradients run with grad mode on, for
+    nesting, and carry their own wrapped tensors)."""
+    return _innermost_transform() is not None
+
+
 class _ConvBNReLUInfer(torch.autograd.Function):
     """A backend's forward kernel, with the backward computed by PyTorch ops: the case of a
     scale that needs a gradient (eval-mode BN whose parameters are trained)."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, shift, pool, backend):  # type: ignore[override]
+    def forward(x, weight, scale, shift, pool, backend):  # type: ignore[override]
+        return backend.conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, scale, shift, pool, _ = inputs
         ctx.save_for_backward(x, weight, scale, shift)
         ctx.pool = pool
-        return backend.conv_bn_relu_infer(x, weight, scale, shift, pool)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -186,6 +203,11 @@ class _ConvBNReLUInfer(torch.autograd.Function):
         grads = conv_bn_relu_infer_backward(grad_y, x, weight, scale, shift, ctx.pool,
                                             tuple(ctx.needs_input_grad[:4]))
         return (*grads, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_per_image(_ConvBNReLUInfer, info, in_dims, args)
+
 
 
 class _ConvBNReLUFolded(torch.autograd.Function):
@@ -199,30 +221,39 @@ class _ConvBNReLUFolded(torch.autograd.Function):
     needs a gradient. The backward is the backend's: with only the input needing a gradient,
     ``conv_dgrad_masked`` (in Triton one kernel: the dgrad's operand loads apply the mask and
     route the pooled gradient); else ``relu_pool_backward`` (whose sums are the shift's, i.e.
-    the conv bias's, gradient), then ``conv_dgrad`` and ``conv_wgrad``."""
+    the conv bias's, gradient), then ``conv_dgrad`` and ``conv_wgrad``.
+
+    Outputs: (y, activation, codes); the activation is an empty placeholder unless tapped
+    (``activation`` and ``pool``), the codes are empty without ``pool``."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, shift, pool, activation, backend):  # type: ignore[override]
+    def forward(x, weight, scale, shift, pool, activation, backend):  # type: ignore[override]
         tapped = activation and pool
         y, act, codes = backend.conv_bn_relu_infer_outputs(x, weight, scale, shift, pool,
                                                            tapped, pool)
-        needs_weight = weight.requires_grad
+        return y, act, codes
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, scale, shift, pool, activation, backend = inputs
+        y, act, codes = output
+        tapped = activation and pool
         ctx.save_for_backward(weight, scale, codes if pool else y, act if tapped else None,
-                              x if needs_weight else None)
+                              x if weight.requires_grad else None)
+        ctx.mark_non_differentiable(codes)
         ctx.set_materialize_grads(False)
         ctx.pool, ctx.tapped, ctx.backend = pool, tapped, backend
         ctx.x_shape = list(x.shape)
         ctx.conv_shape = [x.shape[0], weight.shape[0], x.shape[2], x.shape[3]]
-        if tapped:
-            return y, act
-        return y
 
     @staticmethod
     @_first_order_only("the fused folded block (conv_bn_relu_infer)")
-    def backward(ctx, grad_y, grad_act=None):  # type: ignore[override]
+    def backward(ctx, grad_y, grad_act=None, grad_codes=None):  # type: ignore[override]
         weight, scale, mask, act, x = ctx.saved_tensors
         needs = ctx.needs_input_grad
         backend = ctx.backend
+        if not ctx.tapped:
+            grad_act = None
         if grad_y is None:  # only the tapped activation reached the loss
             n, k, h, w = ctx.conv_shape
             grad_y = act.new_zeros((n, k, h // 2, w // 2)).contiguous(
@@ -241,6 +272,32 @@ class _ConvBNReLUFolded(torch.autograd.Function):
             grad_x = backend.conv_dgrad_masked(grad_y, mask, grad_act, act, scale, weight,
                                                ctx.x_shape, ctx.pool)
         return grad_x, grad_w, None, grad_shift, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_per_image(_ConvBNReLUFolded, info, in_dims, args)
+
+
+
+def _empty_output(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                  shift: torch.Tensor, pool: bool, tapped: bool):
+    """The block's output for an input of no elements (no images, or images of no pixels):
+    empty, and in the autograd graph of every input that needs a gradient, which then gets
+    zeros as from ``nn.Conv2d`` and BatchNorm."""
+    n, _, h, w = x.shape
+    k = weight.shape[0]
+    dtype = x.dtype
+
+    def empty(shape):
+        y = x.new_zeros(shape, dtype=dtype)
+        if torch.is_grad_enabled():
+            linked = [t for t in (x, weight, scale, shift) if t.requires_grad]
+            if linked:
+                y = y + sum(t.sum() for t in linked).to(dtype) * 0
+        return y.contiguous(memory_format=torch.channels_last)
+
+    y = empty((n, k, h // 2, w // 2) if pool else (n, k, h, w))
+    return (y, empty((n, k, h, w))) if tapped else y
 
 
 def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -265,23 +322,21 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     check_infer_inputs(x, weight, scale, shift, pool)
     x, weight = _autocast_operands(x, weight)
     tapped = pool and activation
-    k = weight.shape[0]
     if x.numel() == 0:  # no images, or images of no pixels: nothing to compute
-        n, _, h, w = x.shape
-        y = x.new_empty((n, k, h // 2, w // 2) if pool else (n, k, h, w))
-        y = y.contiguous(memory_format=torch.channels_last)
-        if tapped:
-            return y, x.new_empty((n, k, h, w)).contiguous(memory_format=torch.channels_last)
-        return y
+        return _empty_output(x, weight, scale, shift, pool, tapped)
+    if forward_mode_ad(x, weight, scale, shift):
+        backend = _forward_mode_fallback(backend, x, "conv_bn_relu_infer")
     impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_infer")
-    if impl.name == "reference":
+    if impl.name == "reference" and not _vmapped():
         if tapped:
             full = conv_bn_relu_infer_reference(x, weight, scale, shift, False)
             return F.max_pool2d(full, 2).contiguous(memory_format=torch.channels_last), full
         return conv_bn_relu_infer_reference(x, weight, scale, shift, pool)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift)):
-        if not scale.requires_grad:
-            return _ConvBNReLUFolded.apply(x, weight, scale, shift, pool, activation, impl)
+    if impl.name == "reference" or (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, weight, scale, shift))):
+        if not scale.requires_grad and impl.name != "reference":
+            y, full, _ = _ConvBNReLUFolded.apply(x, weight, scale, shift, pool, activation, impl)
+            return (y, full) if tapped else y
         if tapped:
             full = _ConvBNReLUInfer.apply(x, weight, scale, shift, False, impl)
             return F.max_pool2d(full, 2).contiguous(memory_format=torch.channels_last), full
@@ -290,6 +345,18 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         y, full, _ = impl.conv_bn_relu_infer_outputs(x, weight, scale, shift, True, True, False)
         return y, full
     return impl.conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+
+def _forward_mode_fallback(asked: str, x: torch.Tensor, op: str) -> str:
+    """``'reference'`` for an op under forward-mode AD (the kernels have no forward-mode
+    derivative), with the backends' one fallback warning when another backend was asked."""
+    from vgg_kernels.backends import warn_fallback
+
+    chosen = resolve_backend(asked, x.device, x.dtype, op).name
+    if chosen != "reference":
+        warn_fallback(asked, "reference", op, x.device, x.dtype, chosen,
+                      "has no forward-mode derivative (torch.func.jvp, forward_ad)")
+    return "reference"
 
 
 def _batch_moments(group, mean: torch.Tensor, var: torch.Tensor, count: int):
@@ -344,31 +411,42 @@ class _ConvBNReLUTrain(torch.autograd.Function):
     ``(z - mean) * scale + beta`` as the forward: both agree on every mask. Saved for the
     backward: z (storage dtype) and per-channel vectors, and the input x, unless the input is
     the previous block's output and its recipe (``TrainRecipe``) is given: then the input is
-    recomputed from that block's z when the weight gradient needs it. ``want_recipe`` returns
-    this block's recipe tensors as extra, non-differentiable outputs."""
+    recomputed from that block's z when the weight gradient needs it. The recipe's tensors are
+    extra, non-differentiable outputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,  # type: ignore[override]
+    def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,  # type: ignore[override]
                 momentum, eps, pool, backend, group, source_z, source_mean, source_scale,
-                source_beta, source_pool, source_backend, want_recipe):
+                source_beta, source_pool, source_backend):
+        """Returns (y, z, mean, invstd, scale, beta, count): the block's output, then what the
+        backward and a following block's recipe use (non-differentiable)."""
         z, mean, var = backend.conv_bn_stats(x, weight, bias)
         count = z.shape[0] * z.shape[2] * z.shape[3]
-        ctx.local_count = count
         if group is not None:  # statistics of the whole batch, as nn.SyncBatchNorm does
             mean, var, count = _batch_moments(group, mean, var, count)
         # fp64 mean and variance (the kernels' merged moments); fp32 scale and beta (fp64 for
         # fp64 inputs); the kernels take the mean in fp32 as hi + lo (reference.split_mean)
         stats_dtype = torch.promote_types(x.dtype, torch.float32)
         invstd = torch.rsqrt(var + eps).to(stats_dtype)
-        scale = invstd if bn_weight is None else bn_weight.to(stats_dtype) * invstd
-        beta = (torch.zeros_like(invstd) if bn_bias is None else bn_bias.to(stats_dtype))
+        scale = invstd.clone() if bn_weight is None else bn_weight.to(stats_dtype) * invstd
+        beta = (torch.zeros_like(invstd) if bn_bias is None
+                else bn_bias.to(stats_dtype, copy=True))
+        y = backend.bn_relu_pool(z, mean, scale, beta, pool)
+        # the running statistics change only once everything that can fail has run
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 unbiased = var * (count / (count - 1))
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype),
                                                     alpha=momentum)
-        y = backend.bn_relu_pool(z, mean, scale, beta, pool)
+        count = torch.as_tensor(count, dtype=torch.float64, device=mean.device)
+        return y, z, mean, invstd, scale, beta, count
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, weight, bias, bn_weight, bn_bias, _, _, _, _, pool, backend, group, source_z,
+         source_mean, source_scale, source_beta, source_pool, source_backend) = inputs
+        y, z, mean, invstd, scale, beta, count = output
         ctx.recomputed = source_z is not None
         if ctx.recomputed:  # recompute x from the previous block's z in the backward
             ctx.save_for_backward(weight, z, mean, invstd, scale, beta, source_z, source_mean,
@@ -376,16 +454,23 @@ class _ConvBNReLUTrain(torch.autograd.Function):
             ctx.source_pool, ctx.source_backend = source_pool, source_backend
         else:
             ctx.save_for_backward(weight, z, mean, invstd, scale, beta, x)
+        ctx.mark_non_differentiable(z, mean, invstd, scale, beta, count)
         ctx.x_shape = list(x.shape)
         ctx.pool, ctx.backend = pool, backend
         ctx.has_bias = bias is not None
         ctx.has_gamma, ctx.has_beta = bn_weight is not None, bn_bias is not None
         ctx.group, ctx.count = group, count
-        if not want_recipe:
-            return y
-        extras = (z, mean, scale, beta)
-        ctx.mark_non_differentiable(*extras)
-        return (y, *extras)
+        ctx.local_count = z.shape[0] * z.shape[2] * z.shape[3]
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        if args[5] is not None or args[6] is not None:
+            raise RuntimeError(
+                "vgg_kernels: vmap over a training-mode block that updates running statistics "
+                "is not supported, as for nn.BatchNorm2d (each vmapped slice would update them "
+                "in place); use torch.func.replace_all_batch_norm_modules_ or eval mode")
+        return _vmap_by_loop(_ConvBNReLUTrain, info, in_dims, args)
+
 
     @staticmethod
     @_first_order_only("the fused training block (conv_bn_relu_train)")
@@ -410,7 +495,7 @@ class _ConvBNReLUTrain(torch.autograd.Function):
         grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias and needs[2] else None
         grad_gamma = grad_gamma if ctx.has_gamma and needs[3] else None
         grad_beta = grad_beta if ctx.has_beta and needs[4] else None
-        return grad_x, grad_w, grad_bias, grad_gamma, grad_beta, *([None] * 14)
+        return grad_x, grad_w, grad_bias, grad_gamma, grad_beta, *([None] * 13)
 
 
 def _synchronised_grad_z(group, grad_z, z, mean, invstd, scale, grad_gamma, grad_beta,
@@ -445,12 +530,14 @@ def _train_on_backend(impl, x, weight, bias, bn_weight, bn_bias, running_mean, r
     (``TrainRecipe``), and with ``source`` (the recipe of x) recomputes x instead of saving it."""
     parts = ((None,) * 4 + (False, None) if source is None else
              (source.z, source.mean, source.scale, source.beta, source.pool, source.backend))
-    out = _ConvBNReLUTrain.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                 momentum, eps, pool, impl, group, *parts, want_recipe)
+    y, z, mean, _, scale, beta, _ = _ConvBNReLUTrain.apply(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, pool,
+        impl, group, *parts)
     if not want_recipe:
-        return out
-    y, z, mean, scale, beta = out
-    version = None if torch.compiler.is_compiling() else y._version
+        return y
+    # a traced graph is functional, and inference tensors have no version counter: no in-place
+    # change to check for
+    version = None if torch.compiler.is_compiling() or y.is_inference() else y._version
     return y, TrainRecipe(y, version, z, mean, scale, beta, pool, impl)
 
 
@@ -486,9 +573,12 @@ def conv_bn_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     k = weight.shape[0]
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(name, t, k, x.device)
+        check_channel_vector(name, t, k, x.device)
+    check_batch_norm_eps(eps)
     source = input_recipe if input_recipe is not None and input_recipe.recomputes(x) else None
     x, weight = _autocast_operands(x, weight)
+    if forward_mode_ad(x, weight, bias, bn_weight, bn_bias):
+        backend = _forward_mode_fallback(backend, x, "conv_bn_relu_train")
     if process_group is not None:
         # every process takes part in the reductions, whatever its batch
         impl = resolve_backend(backend, x.device, x.dtype, "conv_bn_relu_train")

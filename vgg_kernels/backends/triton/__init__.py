@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -26,6 +27,34 @@ def _import_error() -> str | None:
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The interpreter keeps the launch being run (grid size, program ids) in process-wide state: two
+# threads launching at once read each other's grid (InterpreterError 'x >= grid_dim[0]'). Its
+# launches take this lock; compiled launches do not need it.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+class _SerializedKernel:
+    """``kernel[grid](...)`` under the interpreter lock."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with _INTERPRETER_LOCK:
+                return launch(*args, **kwargs)
+
+        return run
+
+
+def direct_launcher(kernel):
+    """How the backend launches ``kernel`` outside ``torch.library.wrap_triton``: as it is when
+    compiled, one launch at a time across threads in the interpreter."""
+    return _SerializedKernel(kernel) if interpreting() else kernel
 
 
 @functools.cache

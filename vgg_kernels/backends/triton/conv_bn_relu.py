@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vgg_kernels.backends.triton import interpreting
+from vgg_kernels.backends.triton import direct_launcher, interpreting
 from vgg_kernels.backends.triton.kernels import conv_bn_relu_fwd_kernel
-from vgg_kernels.ops import check_infer_inputs
+from vgg_kernels.checks import check_infer_inputs
 
 # Inputs with fewer channels than this use the flattened (R*S*C) reduction: the 3-channel first
 # layer becomes one 27-long reduction padded to 32, instead of 9 taps each padded to 16.
@@ -594,16 +594,11 @@ def candidate_configs(x: torch.Tensor, weight: torch.Tensor, pool: bool) -> list
                           SEGMENTS=segments, TMA_OK=_tma_ok(x, weight, y, bool(flat)))
 
 
-def _direct(kernel):
-    return kernel
-
-
-
 def conv_bn_relu_infer_eager(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              shift: torch.Tensor, pool: bool) -> torch.Tensor:
     """Launch the kernel directly (no torch.library op). Shapes as ``conv_bn_relu_infer``."""
     x, weight, scale, shift, y, segments = _prepare(x, weight, scale, shift, pool)
-    _launch(x, weight, scale, shift, pool, y, _direct, segments=segments)
+    _launch(x, weight, scale, shift, pool, y, direct_launcher, segments=segments)
     return y
 
 
@@ -612,7 +607,7 @@ def conv_bn_relu_infer_with_config(x: torch.Tensor, weight: torch.Tensor, scale:
     """As ``conv_bn_relu_infer`` with one explicit config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     num_stages): for testing every autotune config and for tuning sweeps."""
     x, weight, scale, shift, y, segments = _prepare(x, weight, scale, shift, pool)
-    _launch(x, weight, scale, shift, pool, y, _direct, config, segments)
+    _launch(x, weight, scale, shift, pool, y, direct_launcher, config, segments)
     return y
 
 

@@ -111,7 +111,9 @@ def _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh
     conv output pixel (oh, ow) is then the 16 contiguous elements of padded pixels ow .. ow + 3
     in padded row oh + r: taps s = 0, 1, 2 and a fourth whose weights are zero. So q = 16 r +
     4 s + c, the loads need no bounds masks, and each row's 16 elements (8-byte aligned) load
-    as wide vectors instead of one element at a time."""
+    as wide vectors instead of one element at a time. The fourth tap holds a neighbouring
+    pixel, which is zeroed after the load: its zero weights times an Inf or NaN there would
+    give NaN in an output that F.conv2d keeps finite."""
     q = q0 + tl.arange(0, BLOCK_K)
     if SEGMENTS:
         r = q // 16
@@ -119,7 +121,8 @@ def _flat_gather(x_ptr, n, oh, ow, row_ok, H, W, stride_xn, stride_xc, stride_xh
         image = x_ptr + n * H * W * 4
         start = tl.multiple_of(((oh[:, None] + r[None, :]) * W + ow[:, None]) * 4, [4, 4])
         ptrs = image[:, None] + start + tl.max_contiguous(q % 16, 16)[None, :]
-        return tl.load(ptrs, mask=row_ok[:, None] & (r < R)[None, :], other=0.0)
+        rows = tl.load(ptrs, mask=row_ok[:, None] & (r < R)[None, :], other=0.0)
+        return tl.where(((q % 16) < 4 * R)[None, :], rows, tl.zeros_like(rows))
     PAD: tl.constexpr = R // 2
     q_ok = q < R * R * FLAT_K
     tap = q // FLAT_K

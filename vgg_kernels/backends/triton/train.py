@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from vgg_kernels.backends.triton import conv_bn_relu, interpreting
+from vgg_kernels.backends.triton import conv_bn_relu, direct_launcher, interpreting
 from vgg_kernels.backends.triton import train_kernels as tk
 from vgg_kernels.backends.triton.conv_bn_relu import (
     _input_precision,
@@ -83,10 +83,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _direct(kernel):
-    return kernel
 
 
 # -- training forward ----------------------------------------------------------------------------
@@ -326,7 +322,7 @@ def _register():
     library = torch.library
     traced = (hasattr(library, "triton_op") and hasattr(library, "wrap_triton")
               and not interpreting())
-    launcher = library.wrap_triton if traced else _direct
+    launcher = library.wrap_triton if traced else direct_launcher
 
     def define(name, fn, fake):
         if traced:
