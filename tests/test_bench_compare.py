@@ -347,9 +347,14 @@ def test_readme_uses_newest_committed_gpu_result(tmp_path):
                     "results/cpu.json"], cwd=tmp_path, check=True)
     readme = tmp_path / "README.md"
     readme.write_text(f"{START}\n{END}\n")
-    assert update_readme(readme, results, None)
+    details = tmp_path / "docs" / "benchmarks.md"
+    details.parent.mkdir()
+    details.write_text(f"# Benchmarks\n\n{START}\n{END}\n")
+    assert update_readme(readme, results, None, details=details)
     text = readme.read_text()
-    assert "gpu-new.json" in text and "1.234" in text and "Synthetic GPU" in text
+    assert "gpu-new.json" in text and "Synthetic GPU" in text
+    assert "1.234" not in text and "docs/benchmarks.md" in text  # the per-block table moved
+    assert "1.234" in details.read_text() and "gpu-new.json" in details.read_text()
 
 
 def test_interrupted_run_still_writes_what_it_measured(tmp_path, monkeypatch):

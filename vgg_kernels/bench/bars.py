@@ -27,6 +27,11 @@ Perceptual loss (``perceptual`` suite: frozen VGG16 forward to relu4_3 + input g
 each fused backend at least 1.5x the eager model and at least 1.15x ``torch.compile`` of it
 (max-autotune-no-cudagraphs); on a CPU at least 1.25x the eager model.
 
+``vgg_kernels.fuse`` on users' models (``lpips`` suite: ``lpips.LPIPS(net='vgg')``, distance +
+input gradient; ``unet`` suite: the common UNet's training step), each fused backend against the
+same model eager: lpips at least 1.35x on a CPU, and on CUDA at least 1.5x eager and 1.15x
+``torch.compile`` (max-autotune-no-cudagraphs); the UNet step at least 1.2x on a CPU.
+
 The training-block, model and compile bars are GPU bars (against cuDNN, ``cudnn_eager``); a CPU
 file evaluates only the memory and perceptual bars. The reference backend (the correctness
 oracle) is held to no bar.
@@ -57,6 +62,11 @@ TRAIN_STEP_VS_COMPILE = 1.1
 MEMORY_VS_EAGER = 0.6
 PERCEPTUAL_VS_EAGER = {"cuda": 1.5, "cpu": 1.25}
 PERCEPTUAL_VS_COMPILE = 1.15
+# suite -> device type -> the speedup over eager each fused backend must reach
+CLIENT_VS_EAGER = {"lpips": {"cpu": 1.35, "cuda": 1.5}, "unet": {"cpu": 1.2}}
+CLIENT_VS_COMPILE = {"lpips": {"cuda": 1.15}}
+CLIENT_WORK = {"lpips": "lpips.LPIPS(net='vgg') distance + input gradient",
+               "unet": "UNet training step"}
 
 
 @dataclass
@@ -267,6 +277,34 @@ def _perceptual_bars(suite: dict[str, Any], device_type: str, label: str) -> lis
     return bars
 
 
+def _client_bars(name: str, suite: dict[str, Any], device_type: str, label: str) -> list[Bar]:
+    """lpips, unet: per fused backend over eager (the target by device type) and, where the
+    suite has one, over torch.compile (max-autotune-no-cudagraphs)."""
+    target = CLIENT_VS_EAGER[name].get(device_type)
+    baseline = suite.get("summary", {}).get("baseline")
+    rates = {case["variant"]: case["images_per_s"] for case in suite["cases"]}
+    if target is None or baseline not in rates:
+        return []
+    s = suite.get("settings", {})
+    work = (f"{CLIENT_WORK[name]} (batch {s.get('batch')}, {s.get('resolution')}px, "
+            f"{s.get('dtype')})")
+    compile_target = CLIENT_VS_COMPILE.get(name, {}).get(device_type)
+    bars = []
+    for backend in FUSED:
+        if backend not in rates:
+            continue
+        bars.append(Bar(f"{backend} fuse(): {work} over {baseline}{label}",
+                        rates[backend] / rates[baseline], target, "x",
+                        f"{rates[backend]:.1f} against {rates[baseline]:.1f} img/s"))
+        if (compile_target is not None and "torch_compile" in rates
+                and s.get("compile_mode") == MODEL_COMPILE_MODE):
+            bars.append(Bar(f"{backend} fuse(): {work} over torch.compile "
+                            f"({MODEL_COMPILE_MODE}){label}",
+                            rates[backend] / rates["torch_compile"], compile_target, "x",
+                            f"{rates[backend]:.1f} against {rates['torch_compile']:.1f} img/s"))
+    return bars
+
+
 def evaluate_bars(named_results: list[tuple[str, dict[str, Any]]]) -> list[Bar]:
     """Every bar the (file name, result) pairs can evaluate, in file order."""
     bars: list[Bar] = []
@@ -286,11 +324,15 @@ def evaluate_bars(named_results: list[tuple[str, dict[str, Any]]]) -> list[Bar]:
             bars += _perceptual_bars(suites["perceptual"], device_type, label)
         if "memory" in suites:
             bars += _memory_bars(suites["memory"], label)
+        for name in ("lpips", "unet"):
+            if name in suites:
+                bars += _client_bars(name, suites[name], device_type, label)
     return bars
 
 
 def format_bars(bars: list[Bar]) -> str:
     if not bars:
         return ("no bar can be evaluated from these files (no layers, layers_train or model "
-                "suite on cuDNN, and no memory or perceptual suite with a fused backend)")
+                "suite on cuDNN, and no memory, perceptual, lpips or unet suite with a fused "
+                "backend)")
     return "\n".join(bar.line() for bar in bars)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vgg_kernels.bench.bars import evaluate_bars, format_bars
+from vgg_kernels.bench.clients import format_clients, run_lpips, run_unet
 from vgg_kernels.bench.compare import compare_results, format_comparison
 from vgg_kernels.bench.environment import REPO_ROOT, collect_environment
 from vgg_kernels.bench.layers import format_layers, layer_specs, run_layers
@@ -58,6 +59,8 @@ DEFAULT_REPEATS = {
     ("model", "cuda"): (3, 20), ("model", "cpu"): (1, 3),
     ("perceptual", "cuda"): (3, 20), ("perceptual", "cpu"): (1, 3),
     ("memory", "cuda"): (1, 1), ("memory", "cpu"): (1, 1),
+    ("lpips", "cuda"): (3, 20), ("lpips", "cpu"): (1, 7),
+    ("unet", "cuda"): (3, 20), ("unet", "cpu"): (1, 7),
 }
 # Per-suite defaults by device type: (batch, resolution).
 DEFAULT_SHAPES = {
@@ -66,7 +69,10 @@ DEFAULT_SHAPES = {
     ("model", "cuda"): (64, 224), ("model", "cpu"): (2, 224),
     ("perceptual", "cuda"): (32, 256), ("perceptual", "cpu"): (2, 128),
     ("memory", "cuda"): (64, 224), ("memory", "cpu"): (4, 64),
+    ("lpips", "cuda"): (32, 256), ("lpips", "cpu"): (4, 112),
+    ("unet", "cuda"): (16, 256), ("unet", "cpu"): (4, 64),
 }
+UNET_WIDTH = 64
 DEFAULT_CONFIGS = {"perceptual": PERCEPTUAL_CONFIG}
 
 
@@ -89,7 +95,13 @@ def _add_run_options(parser: argparse.ArgumentParser, suite: str) -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda when available)")
-    if suite == "perceptual":
+    if suite == "unet":
+        parser.add_argument("--width", type=int, default=UNET_WIDTH,
+                            help=f"channels of the UNet's first stage (default {UNET_WIDTH}, "
+                                 f"doubling per stage down to 8x)")
+    elif suite == "lpips":
+        pass  # the lpips package's VGG16: nothing to choose
+    elif suite == "perceptual":
         parser.add_argument("--config", default=PERCEPTUAL_CONFIG,
                             help="VGG config of the frozen network (default vgg16: VGG16 "
                                  "without BN; plain letters have BatchNorm)")
@@ -174,7 +186,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        ("perceptual", "perceptual loss: frozen VGG16 forward to relu4_3 + "
                                       "input gradient, per backend"),
                        ("memory", "activation memory saved for the backward by one training "
-                                  "step, fused models against eager")):
+                                  "step, fused models against eager"),
+                       ("lpips", "vgg_kernels.fuse on lpips.LPIPS(net='vgg'): distance + "
+                                 "input gradient, against eager lpips"),
+                       ("unet", "vgg_kernels.fuse on the common UNet: one training step, "
+                                "against eager")):
         _add_run_options(sub.add_parser(name, help=text, description=text), name)
 
     compare = sub.add_parser("compare", help="compare two result files; exit 1 on regression",
@@ -202,10 +218,14 @@ def _build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out-dir", type=Path, default=None,
                       help="where the PNGs go (default: beside each result file)")
 
-    readme = sub.add_parser("readme", help="regenerate README.md's benchmark section")
+    readme = sub.add_parser("readme", help="regenerate the benchmark sections of README.md and "
+                                           "docs/benchmarks.md")
     readme.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
     readme.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     readme.add_argument("--plots-dir", type=Path, default=REPO_ROOT / "benchmarks" / "plots")
+    readme.add_argument("--details", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md",
+                        help="the page that gets the per-block table too (default "
+                             "docs/benchmarks.md)")
     readme.add_argument("--no-plots", action="store_true", help="tables only, no charts")
 
     merge = sub.add_parser("merge", help="combine the suites of result files of one device",
@@ -243,7 +263,7 @@ def _settings(args: argparse.Namespace, suite: str, repeats: int | None,
     settings = RunSettings(
         device=device,
         dtype_name=args.dtype or ("bf16" if kind == "cuda" else "fp32"),
-        config=args.config,
+        config=getattr(args, "config", suite),
         batch=args.batch if args.batch is not None else batch,
         resolution=args.resolution if args.resolution is not None else resolution,
         warmup=args.warmup if args.warmup is not None else warmup,
@@ -258,6 +278,18 @@ def _settings(args: argparse.Namespace, suite: str, repeats: int | None,
         raise ValueError("--batch and --repeats must be positive, --warmup non-negative")
     if settings.resolution <= 0:
         raise ValueError(f"--resolution must be positive (got {settings.resolution})")
+    if suite == "unet":
+        if args.width <= 0:
+            raise ValueError(f"--width must be positive (got {args.width})")
+        if settings.resolution < 16:
+            raise ValueError(f"--resolution must be at least 16 for the UNet's four 2x2 "
+                             f"max-pools (got {settings.resolution})")
+        return settings
+    if suite == "lpips":
+        if settings.resolution < 16:
+            raise ValueError(f"--resolution must be at least 16 for VGG16's four 2x2 "
+                             f"max-pools before relu5_3 (got {settings.resolution})")
+        return settings
     if suite == "perceptual":
         settings.taps = [name.strip() for name in args.taps.split(",") if name.strip()]
         indices = tap_indices(settings.config, settings.taps)
@@ -300,7 +332,8 @@ def format_layers_train(suite: dict[str, Any]) -> str:
 
 
 FORMATTERS = {"layers": format_layers, "layers_train": format_layers_train,
-              "model": format_model, "perceptual": format_perceptual, "memory": format_memory}
+              "model": format_model, "perceptual": format_perceptual, "memory": format_memory,
+              "lpips": format_clients, "unet": format_clients}
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -353,6 +386,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                     block = run_perceptual(plan, peak, log)
                 elif suite == "memory":
                     block = run_memory(plan, log)
+                elif suite == "lpips":
+                    block = run_lpips(plan, log)
+                elif suite == "unet":
+                    block = run_unet(plan, args.width, log)
                 else:
                     block = run_model(plan, log, compile_train=not args.no_compile_train)
                 print(FORMATTERS[suite](block))
@@ -458,7 +495,8 @@ def _plot(args: argparse.Namespace) -> int:
 def _readme(args: argparse.Namespace) -> int:
     try:
         changed = update_readme(args.readme, args.results_dir,
-                                None if args.no_plots else args.plots_dir)
+                                None if args.no_plots else args.plots_dir,
+                                details=args.details)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -524,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
-    if args.command in ("layers", "model", "all", "perceptual", "memory"):
+    if args.command in ("layers", "model", "all", "perceptual", "memory", "lpips", "unet"):
         return _run(args, argv)
     return {"compare": _compare, "merge": _merge, "plot": _plot, "readme": _readme,
             "validate": _validate, "show": _show, "bars": _bars}[args.command](args)

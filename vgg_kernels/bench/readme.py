@@ -1,12 +1,15 @@
-"""``readme``: rewrite README.md's generated benchmark section from the newest committed GPU result.
+"""``readme``: rewrite the generated benchmark sections from the newest committed GPU result.
 
-The section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``. Its table and
-chart links come from the newest (by recorded date) result file in benchmarks/results/ that git
-tracks and that ran on CUDA; while there is none, the section says so in one sentence.
+README.md's section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``: the run's
+environment, the whole-model table and the charts. docs/benchmarks.md holds the same markers,
+with the per-block table as well. Both come from the newest (by recorded date) result file in
+benchmarks/results/ that git tracks and that ran on CUDA; while there is none, each section says
+so in one sentence.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -116,8 +119,9 @@ def _model_table(suite: dict[str, Any]) -> str:
 
 
 def render_section(result: dict[str, Any] | None, source: str | None,
-                   plots: list[str]) -> str:
-    """The Markdown between the markers (without them)."""
+                   plots: list[str], per_block: bool = True) -> str:
+    """The Markdown between the markers (without them); ``per_block``: with the per-block
+    table (docs/benchmarks.md; README.md points there instead)."""
     if result is None:
         return NO_RESULT
     env, peak = result["environment"], result["peak"]
@@ -130,7 +134,9 @@ def render_section(result: dict[str, Any] | None, source: str | None,
         + (f", {peak['l2_read']['gbps']:.0f} GB/s (L2 read)." if "l2_read" in peak else "."),
     ]
     suites = result["suites"]
-    if "layers" in suites:
+    if "layers" in suites and not per_block:
+        lines += ["", "Per-block figures of this run: [docs/benchmarks.md](docs/benchmarks.md)."]
+    if "layers" in suites and per_block:
         s = suites["layers"]["settings"]
         lines += ["", f"Per block (VGG {s['config']}, batch {s['batch']}, {s['resolution']}px, "
                       f"{s['dtype']}; median of {s['repeats']} CUDA-event timings):", "",
@@ -154,8 +160,10 @@ def replace_section(text: str, section: str) -> str:
 
 
 def update_readme(readme: Path, results_dir: Path, plots_dir: Path | None,
-                  log: Any = print) -> bool:
-    """Rewrite the generated section; returns whether the file changed."""
+                  log: Any = print, details: Path | None = None) -> bool:
+    """Rewrite README.md's generated section and, when ``details`` (docs/benchmarks.md) is
+    given and holds the markers, its section with the per-block table; returns whether a file
+    changed."""
     found = newest_gpu_run(committed_results(results_dir))
     plots: list[str] = []
     if found is not None and plots_dir is not None:
@@ -170,8 +178,16 @@ def update_readme(readme: Path, results_dir: Path, plots_dir: Path | None,
             source = str(found[0].resolve().relative_to(REPO_ROOT))
         except ValueError:
             source = str(found[0])
-    text = readme.read_text()
-    new_text = replace_section(text, render_section(found and found[1], source, plots))
-    if new_text != text:
-        readme.write_text(new_text)
-    return new_text != text
+    changed = False
+    targets = [(readme, False, plots)]
+    if details is not None and details.is_file() and START in details.read_text():
+        relative = [os.path.relpath(readme.parent / p, details.parent) for p in plots]
+        targets.append((details, True, relative))
+    for path, per_block, links in targets:
+        text = path.read_text()
+        new_text = replace_section(text, render_section(found and found[1], source, links,
+                                                        per_block))
+        if new_text != text:
+            path.write_text(new_text)
+            changed = True
+    return changed

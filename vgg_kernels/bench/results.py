@@ -45,6 +45,17 @@ A result file (``schema_version`` 1) is one JSON object::
                     speedup_high, compile_s (torch_compile only)}],
                     skipped [{variant, reason}], summary {baseline, speedup: {variant: {value,
                     low, high}}}, interrupted
+      lpips, unet   (``vgg_kernels.fuse`` on lpips' LPIPS(net='vgg'), distance + input
+                    gradient; on the common UNet, a training step) settings {config ("vgg",
+                    "unet-w<width>"), batch, resolution, dtype, device, warmup, repeats,
+                    backends, baseline, compile_mode, time_limit_s, variants, call, precision
+                    (unet), width (unet)}, wall_s,
+                    cases [{key, variant, samples_ms, median_ms, p20_ms, p80_ms, images_per_s,
+                    images_per_s_low, images_per_s_high, rel_error_vs_baseline (lpips: the
+                    input gradient; unet: the first conv's weight gradient),
+                    loss_rel_error_vs_baseline (unet), speedup, speedup_low, speedup_high,
+                    compile_s (torch_compile only)}],
+                    skipped [{variant, reason}], summary {baseline, speedup}, interrupted
       memory        settings {config, batch, resolution, dtype, device, warmup, backends,
                     baseline, variants, saved, peak_growth, loss}, wall_s,
                     cases [{key, variant, saved_bytes, saved_storages, saved_tensors,
@@ -59,7 +70,8 @@ A result file (``schema_version`` 1) is one JSON object::
 
 Keys of cases name the measured work completely, e.g. ``layers/D/b64/r224/bf16/conv3_2/triton``,
 ``layers-train/D/b64/r224/bf16/conv3_2/triton``, ``model/D/b64/r224/bf16/cudnn_eager/train_amp``,
-``perceptual/vgg16/relu1_2+relu2_2+relu3_3+relu4_3/b32/r256/bf16/triton`` and
+``perceptual/vgg16/relu1_2+relu2_2+relu3_3+relu4_3/b32/r256/bf16/triton``,
+``lpips/vgg/b4/r112/fp32/native``, ``unet/unet-w64/b4/r64/fp32/native`` and
 ``memory/D/b64/r224/bf16/triton``: two files compare case by case on these keys.
 Times are milliseconds per call; ``*_low``/``*_high`` are the figure computed from the
 pessimistic/optimistic ends of the 20th-80th percentile spread.
@@ -155,17 +167,20 @@ _MODEL_CASE_KEYS = ("key", "variant", "mode", *_STAT_KEYS, "images_per_s", "imag
                     "images_per_s_high", "peak_memory_bytes", "peak_memory_note")
 _PERCEPTUAL_CASE_KEYS = ("key", "variant", *_STAT_KEYS, "images_per_s", "images_per_s_low",
                          "images_per_s_high", "tflops", "rel_error_vs_baseline")
+_CLIENT_CASE_KEYS = ("key", "variant", *_STAT_KEYS, "images_per_s", "images_per_s_low",
+                     "images_per_s_high", "rel_error_vs_baseline")
 _MEMORY_CASE_KEYS = ("key", "variant", "saved_bytes", "saved_storages", "saved_input_bytes",
                      "peak_growth_bytes", "peak_growth_note")
 _CASE_KEYS = {"layers": _LAYER_CASE_KEYS, "layers_train": _LAYER_CASE_KEYS,
               "model": _MODEL_CASE_KEYS, "perceptual": _PERCEPTUAL_CASE_KEYS,
-              "memory": _MEMORY_CASE_KEYS}
+              "memory": _MEMORY_CASE_KEYS, "lpips": _CLIENT_CASE_KEYS,
+              "unet": _CLIENT_CASE_KEYS}
 SUITES = tuple(_CASE_KEYS)
 MODEL_MODES = ("inference", "train", "train_amp")
 # Suites whose keys must carry their own prefix (older suites' keys are checked by their
 # comparisons alone): no case of one suite can be taken for another's.
 _KEY_PREFIXES = {"layers_train": "layers-train/", "perceptual": "perceptual/",
-                 "memory": "memory/"}
+                 "memory": "memory/", "lpips": "lpips/", "unet": "unet/"}
 
 
 def _check_stats(where: str, case: dict[str, Any], problems: list[str]) -> None:
@@ -221,10 +236,11 @@ def validate_result(data: Any) -> list[str]:
             summary = suite.get("summary")
             if not isinstance(summary, dict) or "geomean_speedup" not in summary:
                 problems.append(f"suites.{name}.summary.geomean_speedup is missing")
-        if name == "perceptual":
+        if name in ("perceptual", "lpips", "unet"):
             summary = suite.get("summary")
             if not isinstance(summary, dict) or "speedup" not in summary:
-                problems.append("suites.perceptual.summary.speedup is missing")
+                problems.append(f"suites.{name}.summary.speedup is missing")
+        if name == "perceptual":
             if not suite.get("settings", {}).get("taps"):
                 problems.append("suites.perceptual.settings.taps is missing")
     return problems
@@ -306,8 +322,8 @@ def tracked_figures(result: dict[str, Any]) -> dict[str, Figure]:
       higher is better;
     - model cases: images/s — higher is better; peak memory (GPU) — lower is better;
     - layers_train: as layers, under its own ``layers-train/`` keys;
-    - perceptual cases: images/s and (fused backends, compile) the speedup over eager — higher
-      is better;
+    - perceptual, lpips and unet cases: images/s and (other variants) the speedup over eager —
+      higher is better;
     - memory cases: MiB saved for the backward, its ratio to eager (fused backends) and the
       GPU peak growth — lower is better (exact counts: no spread).
     """
@@ -337,10 +353,12 @@ def tracked_figures(result: dict[str, Any]) -> dict[str, Figure]:
             if memory is not None:
                 figures[f"{case['key']}/peak_memory"] = Figure(memory / 2**20, memory / 2**20,
                                                                memory / 2**20, "lower", "MiB")
-    perceptual = suites.get("perceptual")
-    if perceptual:
-        baseline = perceptual.get("summary", {}).get("baseline")
-        for case in perceptual["cases"]:
+    for name in ("perceptual", "lpips", "unet"):
+        suite = suites.get(name)
+        if not suite:
+            continue
+        baseline = suite.get("summary", {}).get("baseline")
+        for case in suite["cases"]:
             figures[f"{case['key']}/images_per_s"] = Figure(
                 case["images_per_s"], case["images_per_s_low"], case["images_per_s_high"],
                 "higher", "img/s")
@@ -389,6 +407,11 @@ def layers_train_prefix(settings: dict[str, Any]) -> str:
 def perceptual_prefix(settings: dict[str, Any]) -> str:
     """``perceptual/<config>/<tap>+<tap>.../b<batch>/r<resolution>/<dtype>``."""
     return _work_prefix("perceptual", settings, "+".join(settings["taps"]))
+
+
+def clients_prefix(suite: str, settings: dict[str, Any]) -> str:
+    """``lpips/vgg/b<batch>/r<resolution>/<dtype>`` or ``unet/unet-w<width>/...``."""
+    return _work_prefix(suite, settings)
 
 
 def memory_prefix(settings: dict[str, Any]) -> str:

@@ -125,6 +125,33 @@ def time_calls(fn: Callable[[Any], object], inputs: Sequence[Any], *, device: to
     return samples
 
 
+def time_interleaved(fns: dict[str, Callable[[Any], object]], inputs: Sequence[Any], *,
+                     device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of ``repeats`` timed calls of each of ``fns`` after ``warmup`` untimed ones.
+
+    On a CPU in interleaved rounds, one call of each function per round: load from other
+    processes on shared cores then slows every function alike, and their ratios hold. On CUDA
+    each function's ``time_calls`` in turn (CUDA events time the GPU alone)."""
+    if device.type == "cuda":
+        return {name: time_calls(fn, inputs, device=device, warmup=warmup, repeats=repeats)
+                for name, fn in fns.items()}
+    if repeats <= 0:
+        raise ValueError(f"repeats must be positive (got {repeats})")
+    if not inputs:
+        raise ValueError("inputs must hold at least one input")
+    count = len(inputs)
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(inputs[i % count])
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn(inputs[i % count])
+            samples[name].append((time.perf_counter() - began) * 1e3)
+    return samples
+
+
 def time_first_call(fn: Callable[[Any], object], example: Any, device: torch.device) -> float:
     """Seconds for one call including compilation/autotuning (wall clock, synchronized)."""
     synchronize(device)
