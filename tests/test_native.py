@@ -59,7 +59,7 @@ def poison_outputs():
     torch.use_deterministic_algorithms(False)
 
 
-@pytest.fixture(params=["direct", "winograd"])
+@pytest.fixture(params=["direct", "winograd", "winograd4"])
 def algorithm(request, monkeypatch):
     monkeypatch.setenv("VGG_KERNELS_CPU_CONV", request.param)
     return request.param

@@ -115,15 +115,20 @@ inline void merge_moments(double* count, double* mean, double* m2, double count_
 struct KernelTable {
   const char* isa;     // "avx512", "avx2" or "generic"
   int64_t panel_width; // output channels per packed weight panel
+  // The three algorithms: direct, Winograd F(2x2, 3x3) and Winograd F(4x4, 3x3).
   ConvPlan (*plan_direct)(const ConvArgs& args);
   ConvPlan (*plan_winograd)(const ConvArgs& args);
+  ConvPlan (*plan_winograd4)(const ConvArgs& args);
   // Pack the weight (strides in args) into panels [begin, end).
   void (*pack_direct)(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
                       int64_t end);
   bool (*pack_winograd)(const ConvArgs& args, const float* weight, float* packed,
                         int64_t begin, int64_t end);
+  bool (*pack_winograd4)(const ConvArgs& args, const float* weight, float* packed,
+                         int64_t begin, int64_t end);
   bool (*run_direct)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
   bool (*run_winograd)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
+  bool (*run_winograd4)(const ConvArgs& args, int64_t item, float* scratch, double* stats);
   // BN backward, rows [begin, end) of the (n * out_h) output rows (input rows without pool,
   // pairs of input rows with it, the trailing odd one included in its image's last pair).
   // Reduce: adds sum g, sum g * xhat to sums[0 .. k), sums[k .. 2k) (fp64; fp32 within a row).

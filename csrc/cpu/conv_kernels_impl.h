@@ -17,6 +17,8 @@
 //   winograd  F(2x2, 3x3): 16 GEMMs of (tiles x c) x (c x k) in the transformed domain, 2.25x
 //             fewer multiplies than direct. Each 4x4 input tile gives a 2x2 output block, which
 //             is exactly one 2x2 pooling window, so the pool fuses into the output transform.
+//   winograd4 F(4x4, 3x3): 36 GEMMs, 4x fewer multiplies than direct; each 6x6 input tile
+//             gives a 4x4 output block, four whole pooling windows.
 
 constexpr int64_t kPanelWidth = kPanelVectors * Vec::kWidth;
 // Blocking (measured on a 2-core Zen 4, VGG16's 3x3 layers at batch 4, 112x112: depth blocks of
@@ -486,6 +488,8 @@ inline void input_transform(T (&d)[4][4], T (&v)[16]) {
 
 inline V vsub(V a, V b) { return Vec::sub(a, b); }
 inline V vadd(V a, V b) { return Vec::add(a, b); }
+inline float vsub(float a, float b) { return a - b; }
+inline float vadd(float a, float b) { return a + b; }
 
 inline void input_transform_vec(V (&d)[4][4], V (&v)[16]) {
   V t[4][4];
@@ -584,8 +588,9 @@ inline void output_transform(const V (&m)[16], V (&y)[2][2]) {
 
 bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
   const WinogradGeometry g = winograd_geometry(args);
-  const int64_t chunk = item % g.chunks;
-  const int64_t block = item / g.chunks;
+  // chunk-major: consecutive items (on both threads) share one channel chunk's weights
+  const int64_t chunk = item / g.blocks;
+  const int64_t block = item % g.blocks;
   const int64_t t0 = block * g.block_tiles;
   const int64_t count = std::min(g.block_tiles, g.tiles - t0);
   const int64_t panels = panels_of(args);
@@ -645,6 +650,332 @@ bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* st
         if (oh >= args.h) break;
         for (int s = 0; s < 2; ++s) {
           const int64_t ow = 2 * tj + s;
+          if (ow >= args.w) break;
+          float* out = args.y + ((n * args.out_h + oh) * args.out_w + ow) * args.k + kg;
+          if (with_stats) {
+            const V z = add_bias(y[r][s], args, kg);
+            store_lanes(out, z, lanes);
+            item_stats.add(kk, z, i == 0 && r == 0 && s == 0);
+            if (kk == 0) ++item_stats.count;
+          } else {
+            store_lanes(out, epilogue(y[r][s], args, kg), lanes);
+          }
+        }
+      }
+    }
+  }
+  if (with_stats) item_stats.flush(args, k0, kvalid, stats);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Winograd F(4x4, 3x3): a 6x6 input tile gives a 4x4 output block (four 2x2 pooling windows),
+// 36 GEMMs of (tiles x c) x (c x k): 2.25 multiplies per output and channel pair against
+// F(2x2)'s 4 and direct's 9. Tile (ti, tj) produces output rows 4ti .. 4ti + 3 and columns
+// 4tj .. 4tj + 3 from input rows 4ti - 1 .. 4ti + 4 (zero outside); outputs past h, w (or past
+// the pooled grid, floor semantics) are computed and dropped.
+//
+// Interpolation points 0, +-2/3, +-3/2 and infinity (Toom-Cook; the matrices below are the exact
+// fractions rounded to fp32). The fp32 output error against a float64 conv, as a fraction of
+// the output's largest magnitude (python benchmarks/winograd_points.py; C = 64 and 512): Lavin
+// & Gray's 0, +-1, +-2 7.0e-6 and 6.8e-6; 0, +-1/2, +-2 2.8e-6 and 3.1e-6; these 1.2e-6 and
+// 1.8e-6, where PyTorch's own fp32 conv gave 2.1e-7 and 2.7e-7. Only these (and 0, +-3/4,
+// +-4/3) stay within the project's rule: at most 2x PyTorch's error + 2e-6.
+//   B^T rows: [1, 0, -97/36, 0, 1, 0], [0, -3/2, -9/4, 2/3, 1, 0], [0, 3/2, -9/4, -2/3, 1, 0],
+//             [0, -2/3, -4/9, 3/2, 1, 0], [0, 2/3, -4/9, -3/2, 1, 0], [0, 1, 0, -97/36, 0, 1]
+//   G rows:   [1, 0, 0], [-81/130, -27/65, -18/65], [-81/130, 27/65, -18/65],
+//             [8/65, 12/65, 18/65], [8/65, -12/65, 18/65], [0, 0, 1]
+//   A^T rows: [1, 1, 1, 1, 1, 0], [0, 2/3, -2/3, 3/2, -3/2, 0], [0, 4/9, 4/9, 9/4, 9/4, 0],
+//             [0, 8/27, -8/27, 27/8, -27/8, 1]
+// Transformed weights: packed[xi][p][c][j] (xi = 6 * row + column of the 6x6 tile).
+// Per item scratch: V [36][block_tiles][c], M [36][block_tiles][chunk], stats [3][chunk].
+
+// Winograd tiles per F(4x4) work item: each covers 16 outputs (F(2x2): 4), so 2 * kRows tiles
+// cover as many outputs as F(2x2)'s 8 * kRows while the 36 transformed slabs stay near L2's size.
+constexpr int64_t kWinograd4Tiles = 2 * kRows;
+
+inline V vmulc(float c, V x) { return Vec::mul(Vec::bcast(c), x); }
+inline V vfmac(float c, V x, V acc) { return Vec::fma(Vec::bcast(c), x, acc); }
+inline float vmulc(float c, float x) { return c * x; }
+inline float vfmac(float c, float x, float acc) { return c * x + acc; }
+
+// out = B^T in for six values (a column or a row of the tile); T is V or float.
+template <typename T>
+inline void winograd4_input_1d(const T (&in)[6], T (&out)[6]) {
+  constexpr float k97_36 = 2.69444442f, k9_4 = 2.25f, k4_9 = 0.444444448f;
+  constexpr float k3_2 = 1.5f, k2_3 = 0.666666687f;
+  out[0] = vadd(vfmac(-k97_36, in[2], in[0]), in[4]);
+  const T s12 = vfmac(-k9_4, in[2], in[4]);
+  const T t12 = vfmac(-k2_3, in[3], vmulc(k3_2, in[1]));
+  out[1] = vsub(s12, t12);
+  out[2] = vadd(s12, t12);
+  const T s34 = vfmac(-k4_9, in[2], in[4]);
+  const T t34 = vfmac(-k3_2, in[3], vmulc(k2_3, in[1]));
+  out[3] = vsub(s34, t34);
+  out[4] = vadd(s34, t34);
+  out[5] = vadd(vfmac(-k97_36, in[3], in[1]), in[5]);
+}
+
+// V = B^T d B: the 36 transformed values of one tile (d row-major, v[6 * row + column]).
+template <typename T>
+inline void winograd4_input(const T (&d)[6][6], T (&v)[36]) {
+  T t[6][6];
+#pragma GCC unroll 6
+  for (int j = 0; j < 6; ++j) {  // columns: t[.][j] = B^T d[.][j]
+    const T column[6] = {d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]};
+    T out[6];
+    winograd4_input_1d(column, out);
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) t[i][j] = out[i];
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {  // rows: v[i][.] = t[i][.] B
+    T out[6];
+    winograd4_input_1d(t[i], out);
+#pragma GCC unroll 6
+    for (int j = 0; j < 6; ++j) v[6 * i + j] = out[j];
+  }
+}
+
+// out = A^T in: four outputs from six values.
+inline void winograd4_output_1d(const V (&in)[6], V (&out)[4]) {
+  constexpr float k2_3 = 0.666666687f, k3_2 = 1.5f, k4_9 = 0.444444448f, k9_4 = 2.25f;
+  constexpr float k8_27 = 0.296296299f, k27_8 = 3.375f;
+  const V sum12 = Vec::add(in[1], in[2]), dif12 = Vec::sub(in[1], in[2]);
+  const V sum34 = Vec::add(in[3], in[4]), dif34 = Vec::sub(in[3], in[4]);
+  out[0] = Vec::add(Vec::add(in[0], sum12), sum34);
+  out[1] = vfmac(k3_2, dif34, vmulc(k2_3, dif12));
+  out[2] = vfmac(k9_4, sum34, vmulc(k4_9, sum12));
+  out[3] = Vec::add(vfmac(k27_8, dif34, vmulc(k8_27, dif12)), in[5]);
+}
+
+// Y = A^T m A: the 4x4 outputs of one tile, one vector of channels.
+inline void winograd4_output(const V (&m)[36], V (&y)[4][4]) {
+  V s[4][6];
+#pragma GCC unroll 6
+  for (int j = 0; j < 6; ++j) {
+    const V column[6] = {m[j], m[6 + j], m[12 + j], m[18 + j], m[24 + j], m[30 + j]};
+    V out[4];
+    winograd4_output_1d(column, out);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) s[i][j] = out[i];
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) winograd4_output_1d(s[i], y[i]);
+}
+
+inline WinogradGeometry winograd4_geometry(const ConvArgs& args) {
+  WinogradGeometry g;
+  g.tiles_h = args.pool ? ceil_div(args.out_h, 2) : ceil_div(args.h, 4);
+  g.tiles_w = args.pool ? ceil_div(args.out_w, 2) : ceil_div(args.w, 4);
+  g.tiles = args.n * g.tiles_h * g.tiles_w;
+  const int64_t blocks = ceil_div(g.tiles, kWinograd4Tiles);
+  g.block_tiles = ceil_div(ceil_div(g.tiles, blocks), kRows) * kRows;
+  g.blocks = ceil_div(g.tiles, g.block_tiles);
+  g.chunk_panels = chunk_panels_of(args, g.blocks);
+  g.chunks = ceil_div(panels_of(args), g.chunk_panels);
+  return g;
+}
+
+ConvPlan plan_winograd4(const ConvArgs& args) {
+  const WinogradGeometry g = winograd4_geometry(args);
+  const int64_t chunk = g.chunk_panels * kPanelWidth;
+  ConvPlan plan;
+  plan.items = g.blocks * g.chunks;
+  plan.scratch_floats = 36 * g.block_tiles * (args.c + chunk) + 3 * chunk;
+  plan.panels = panels_of(args);
+  plan.packed_floats = 36 * plan.panels * args.c * kPanelWidth;
+  return plan;
+}
+
+bool pack_winograd4(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
+                    int64_t end) {
+  constexpr float kG[6][3] = {
+      {1.0f, 0.0f, 0.0f},
+      {-0.623076916f, -0.41538462f, -0.27692309f},
+      {-0.623076916f, 0.41538462f, -0.27692309f},
+      {0.123076923f, 0.184615389f, 0.27692309f},
+      {0.123076923f, -0.184615389f, 0.27692309f},
+      {0.0f, 0.0f, 1.0f}};
+  V check = Vec::zero();
+  const int64_t c_total = args.c;
+  const int64_t xi_stride = panels_of(args) * c_total * kPanelWidth;
+  float g[kPackChannels][9][kPanelWidth];  // the panel's filters for 16 channels, per tap
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t k0 = p * kPanelWidth;
+    for (int64_t c0 = 0; c0 < c_total; c0 += kPackChannels) {
+      const int64_t cn = std::min(kPackChannels, c_total - c0);
+      for (int64_t j = 0; j < kPanelWidth; ++j) {
+        const bool valid = k0 + j < args.k;
+        for (int tap = 0; tap < 9; ++tap) {
+          for (int64_t cc = 0; cc < cn; ++cc) {
+            g[cc][tap][j] =
+                valid ? weight_at(args, weight, k0 + j, c0 + cc, tap / 3, tap % 3) : 0.0f;
+          }
+        }
+      }
+      for (int64_t cc = 0; cc < cn; ++cc) {
+        float* out = packed + (p * c_total + c0 + cc) * kPanelWidth;
+        for (int64_t j = 0; j < kPanelWidth; j += Vec::kWidth) {
+          V f[3][3];
+          for (int tap = 0; tap < 9; ++tap) f[tap / 3][tap % 3] = Vec::load(g[cc][tap] + j);
+          V t[6][3];  // G g
+          for (int i = 0; i < 6; ++i) {
+            for (int col = 0; col < 3; ++col) {
+              t[i][col] = vfmac(kG[i][2], f[2][col],
+                                vfmac(kG[i][1], f[1][col], vmulc(kG[i][0], f[0][col])));
+            }
+          }
+          for (int i = 0; i < 6; ++i) {  // (G g) G^T
+            for (int col = 0; col < 6; ++col) {
+              const V u = vfmac(kG[col][2], t[i][2],
+                                vfmac(kG[col][1], t[i][1], vmulc(kG[col][0], t[i][0])));
+              Vec::store(out + (6 * i + col) * xi_stride + j, u);
+              check = Vec::add(check, u);
+            }
+          }
+        }
+      }
+    }
+  }
+  return all_finite(check);
+}
+
+// Transforms tiles [t0, t0 + count) into vt[xi][i][c] (row stride c, xi stride block_tiles * c);
+// whether every transformed value is finite (see winograd_input).
+bool winograd4_input_tiles(const ConvArgs& args, const WinogradGeometry& g, int64_t t0,
+                           int64_t count, float* vt) {
+  V check = Vec::zero();
+  float check_tail = 0.0f;
+  const int64_t c = args.c;
+  const int64_t xi_stride = g.block_tiles * c;
+  const int64_t cv = c - c % Vec::kWidth;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t tj = t % g.tiles_w;
+    const int64_t ti = (t / g.tiles_w) % g.tiles_h;
+    const int64_t n = t / (g.tiles_w * g.tiles_h);
+    const float* rows[6];
+    bool col_ok[6];
+    for (int r = 0; r < 6; ++r) {
+      const int64_t ih = 4 * ti - 1 + r;
+      rows[r] = (ih >= 0 && ih < args.h) ? args.x + ((n * args.h + ih) * args.w) * c : nullptr;
+      const int64_t iw = 4 * tj - 1 + r;
+      col_ok[r] = iw >= 0 && iw < args.w;
+    }
+    const int64_t iw0 = 4 * tj - 1;
+    float* out = vt + i * c;
+    for (int64_t ch = 0; ch < cv; ch += Vec::kWidth) {
+      V d[6][6];
+#pragma GCC unroll 6
+      for (int r = 0; r < 6; ++r) {
+#pragma GCC unroll 6
+        for (int s = 0; s < 6; ++s) {
+          d[r][s] = (rows[r] != nullptr && col_ok[s])
+                        ? Vec::load(rows[r] + (iw0 + s) * c + ch)
+                        : Vec::zero();
+        }
+      }
+      V v[36];
+      winograd4_input(d, v);
+#pragma GCC unroll 36
+      for (int xi = 0; xi < 36; ++xi) {
+        Vec::store(out + xi * xi_stride + ch, v[xi]);
+        check = Vec::add(check, v[xi]);
+      }
+    }
+    for (int64_t ch = cv; ch < c; ++ch) {
+      float d[6][6];
+      for (int r = 0; r < 6; ++r) {
+        for (int s = 0; s < 6; ++s) {
+          d[r][s] = (rows[r] != nullptr && col_ok[s]) ? rows[r][(iw0 + s) * c + ch] : 0.0f;
+        }
+      }
+      float v[36];
+      winograd4_input(d, v);
+      for (int xi = 0; xi < 36; ++xi) {
+        out[xi * xi_stride + ch] = v[xi];
+        check_tail += v[xi];
+      }
+    }
+  }
+  return all_finite(check) && check_tail - check_tail == 0.0f;
+}
+
+bool run_winograd4(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
+  const WinogradGeometry g = winograd4_geometry(args);
+  // chunk-major: consecutive items (on both threads) share one channel chunk's weights
+  const int64_t chunk = item / g.blocks;
+  const int64_t block = item % g.blocks;
+  const int64_t t0 = block * g.block_tiles;
+  const int64_t count = std::min(g.block_tiles, g.tiles - t0);
+  const int64_t panels = panels_of(args);
+  const int64_t p0 = chunk * g.chunk_panels;
+  const int64_t p1 = std::min(panels, p0 + g.chunk_panels);
+  const int64_t kc = (p1 - p0) * kPanelWidth;
+  const int64_t k0 = p0 * kPanelWidth;
+  const int64_t kvalid = std::min(args.k, p1 * kPanelWidth) - k0;
+  const int64_t c = args.c;
+
+  float* vt = scratch;
+  const int64_t tiles = g.block_tiles;  // scratch row count
+  float* mt = vt + 36 * tiles * c;
+  if (!winograd4_input_tiles(args, g, t0, count, vt)) return false;  // the glue runs direct
+
+  const int64_t tap0 = 0;
+  const int64_t panel_stride = c * kPanelWidth;
+  for (int xi = 0; xi < 36; ++xi) {
+    gemm_rows(vt + xi * tiles * c, count, c, &tap0, 1, c,
+              args.packed_weight + xi * panels * panel_stride, panel_stride, p0, p1,
+              mt + xi * tiles * kc, kc);
+  }
+
+  const bool with_stats = args.epilogue == Epilogue::kBiasStats;
+  ItemStats item_stats(mt + 36 * tiles * kc, kc);
+  const int64_t xi_stride = tiles * kc;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t tj = t % g.tiles_w;
+    const int64_t ti = (t / g.tiles_w) % g.tiles_h;
+    const int64_t n = t / (g.tiles_w * g.tiles_h);
+    const float* m_tile = mt + i * kc;
+    for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
+      const int64_t kg = k0 + kk;
+      const int64_t lanes = kvalid - kk;
+      V m[36];
+#pragma GCC unroll 36
+      for (int xi = 0; xi < 36; ++xi) m[xi] = Vec::load(m_tile + xi * xi_stride + kk);
+      V y[4][4];
+      winograd4_output(m, y);
+      if (!with_stats && args.pool) {
+        for (int wr = 0; wr < 2; ++wr) {
+          const int64_t ph = 2 * ti + wr;
+          if (ph >= args.out_h) break;
+          for (int wc = 0; wc < 2; ++wc) {
+            const int64_t pw = 2 * tj + wc;
+            if (pw >= args.out_w) break;
+            const V a[4] = {bn_relu(y[2 * wr][2 * wc], args, kg),
+                            bn_relu(y[2 * wr][2 * wc + 1], args, kg),
+                            bn_relu(y[2 * wr + 1][2 * wc], args, kg),
+                            bn_relu(y[2 * wr + 1][2 * wc + 1], args, kg)};
+            const V best = max4_nan(a[0], a[1], a[2], a[3]);
+            const int64_t pooled = ((n * args.out_h + ph) * args.out_w + pw) * args.k + kg;
+            store_lanes(args.y + pooled, best, lanes);
+            if (args.activation != nullptr || args.codes != nullptr) {
+              const int64_t corner = ((n * args.h + 2 * ph) * args.w + 2 * pw) * args.k + kg;
+              const int64_t full[4] = {corner, corner + args.k, corner + args.w * args.k,
+                                       corner + args.w * args.k + args.k};
+              store_pool_extras(args, a, full, pooled, best, lanes);
+            }
+          }
+        }
+        continue;
+      }
+      for (int r = 0; r < 4; ++r) {
+        const int64_t oh = 4 * ti + r;
+        if (oh >= args.h) break;
+        for (int s = 0; s < 4; ++s) {
+          const int64_t ow = 4 * tj + s;
           if (ow >= args.w) break;
           float* out = args.y + ((n * args.out_h + oh) * args.out_w + ow) * args.k + kg;
           if (with_stats) {
@@ -874,7 +1205,8 @@ inline void masked_gradient(const MaskedGradientArgs& a, int64_t begin, int64_t 
 }
 
 constexpr KernelTable make_table(const char* isa) {
-  return KernelTable{isa,          kPanelWidth,    &plan_direct,       &plan_winograd,
-                     &pack_direct, &pack_winograd, &run_direct,        &run_winograd,
-                     &bn_backward_reduce,          &bn_backward_apply, &masked_gradient};
+  return KernelTable{isa,           kPanelWidth,     &plan_direct,      &plan_winograd,
+                     &plan_winograd4, &pack_direct,  &pack_winograd,    &pack_winograd4,
+                     &run_direct,   &run_winograd,   &run_winograd4,    &bn_backward_reduce,
+                     &bn_backward_apply,              &masked_gradient};
 }

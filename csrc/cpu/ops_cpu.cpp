@@ -4,7 +4,8 @@
 //
 // Environment knobs, read on every call (tests switch them):
 //   VGG_KERNELS_CPU_ISA   avx512 | avx2 | generic   (default: the best this CPU supports)
-//   VGG_KERNELS_CPU_CONV  direct | winograd | auto   (default auto, see choose_winograd)
+//   VGG_KERNELS_CPU_CONV  direct | winograd | winograd4 | auto   (default auto, see
+//                         choose_algorithm; winograd is F(2x2, 3x3), winograd4 F(4x4, 3x3))
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -58,25 +59,37 @@ const KernelTable& kernel_table() {
   return *table;
 }
 
-// Winograd F(2x2, 3x3) does 2.25x fewer multiplies but pays for transforms and a 16/9 larger
-// packed weight. Measured on a 2-core Zen 4 at batch 4, channels_last weights (direct vs
-// Winograd, BN/ReLU/pool included): VGG16 at 112x112 18.1 vs 9.9 ms (64 -> 64, 112x112),
-// 19.8 vs 11.9 ms (512 -> 512, 14x14), 7.0 vs 6.0 ms (7x7); at 56x56 -> 64 channels it wins from
-// 4 input channels up (0.59 vs 0.51 ms at c = 4, 2.77 vs 1.40 ms at c = 32). Only the 3-channel
-// first layer is faster direct (1.5 vs 2.1 ms): its 27-long reduction needs no transform.
-bool choose_winograd(int64_t c, int r) {
-  const char* asked = std::getenv("VGG_KERNELS_CPU_CONV");
-  const std::string mode = asked == nullptr ? "auto" : asked;
-  TORCH_CHECK(mode == "auto" || mode == "direct" || mode == "winograd" || mode.empty(),
-              "environment variable VGG_KERNELS_CPU_CONV must be auto, direct or winograd (got '",
-              mode, "')");
-  if (r != 3) return false;
-  if (mode == "direct") return false;
-  if (mode == "winograd") return true;
-  return c >= 4;
-}
+enum class Algorithm { kDirect, kWinograd2, kWinograd4 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether F(4x4, 3x3) beats F(2x2, 3x3) on this conv: its weight transform writes 36 / 16 as
+// many values, once per call, while its GEMMs do 2.25 / 4 as many multiplies per output pixel,
+// so it needs pixels (P = N * H * W) to pay, the more the wider the layer. Measured on a 2-core
+// Zen 4 (python benchmarks/profile_cpu_convs.py forward; ms, F(2x2) / F(4x4) / oneDNN's conv
+// alone): 64 -> 64 at batch 4, 112x112 with pool 7.09 / 4.92 / 9.18; 128 -> 128 at 56x56 with
+// pool 5.62 / 4.38 / 8.84; 256 -> 256 at 28x28 (P 3136) 5.68 / 4.79 / 9.35; 128 -> 128 at 32x32
+// (P 4096) 2.52 / 2.00; but 256 -> 256 at 16x16 (P 1024) 2.88 / 3.86, 512 -> 512 at 14x14
+// 9.22 / 15.38 / 11.90, and at batch 1, 28x28 8.84 / 12.80.
+bool winograd4_pays(const ConvArgs& a) {
+  const int64_t pixels = a.n * a.h * a.w;
+  return pixels >= 8192 || (pixels >= 2048 && a.c * a.k < 512 * 512);
+}
+
+Algorithm choose_algorithm(const ConvArgs& a) {
+  const char* asked = std::getenv("VGG_KERNELS_CPU_CONV");
+  const std::string mode = asked == nullptr ? "auto" : asked;
+  TORCH_CHECK(mode == "auto" || mode == "direct" || mode == "winograd" || mode == "winograd4" ||
+                  mode.empty(),
+              "environment variable VGG_KERNELS_CPU_CONV must be auto, direct, winograd or "
+              "winograd4 (got '", mode, "')");
+  if (a.r != 3 || mode == "direct") return Algorithm::kDirect;
+  if (mode == "winograd") return Algorithm::kWinograd2;
+  if (mode == "winograd4") return Algorithm::kWinograd4;
+  if (a.c < 4) return Algorithm::kDirect;
+  return winograd4_pays(a) ? Algorithm::kWinograd4 : Algorithm::kWinograd2;
+}
+
 
 // A (panels * panel_width,) fp32 copy of a per-channel vector, zero past k, so the kernels load
 // whole vectors at the channel tail.
@@ -86,16 +99,40 @@ at::Tensor padded_channels(const at::Tensor& t, int64_t panels, int64_t panel_wi
   return out;
 }
 
+// A buffer of at least `floats` floats that the calling thread reuses from call to call (it
+// grows, and is freed with the thread). The packed weights of a wide layer pass glibc's largest
+// mmap threshold (32 MB: 512 -> 512 channels in F(4x4) pack 37.7 MB), so a fresh buffer per
+// call was a fresh mapping whose page faults cost 7 ms per call on the 2-core Zen 4 (measured:
+// allocating and touching 37.7 MB against touching it again, 7.2 against 0.8 ms). It holds
+// scratch only: nothing in it outlives the call that filled it.
+float* thread_buffer(std::vector<float>& buffer, int64_t floats) {
+  if (static_cast<int64_t>(buffer.size()) < floats) {
+    std::vector<float>().swap(buffer);  // free first: the old and new never coexist
+    buffer.resize(static_cast<size_t>(floats));
+  }
+  return buffer.data();
+}
+
+float* packed_workspace(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  return thread_buffer(buffer, floats);
+}
+
+float* item_scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  return thread_buffer(buffer, floats);
+}
+
 struct PreparedConv {
   ConvArgs args;
   ConvPlan plan;
-  bool winograd;
+  Algorithm algorithm;
   bool weights_finite;  // false: a Winograd-transformed weight is not finite (run direct)
   const KernelTable* table;
-  at::Tensor x, weight, packed, scale, shift;  // keep the buffers the args point into alive
+  at::Tensor x, weight, scale, shift;  // keep the buffers the args point into alive
 };
 
-// `winograd`: whether choose_winograd may pick the Winograd algorithm (false: direct).
+// `winograd`: whether choose_algorithm may pick a Winograd algorithm (false: direct).
 // `dgrad`: convolve with the weight transposed (its input channels as outputs) and flipped in
 // space, the conv whose output is the input gradient of a conv with `weight_in` (the packers
 // read it through negative strides: no copy).
@@ -125,8 +162,9 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
   a.threads = at::get_num_threads();
   a.activation = nullptr;
   a.codes = nullptr;
-  prep.winograd = winograd && choose_winograd(a.c, a.r);
-  if (prep.winograd || a.r == 1) {
+  prep.algorithm = winograd ? choose_algorithm(a) : Algorithm::kDirect;
+  const bool transformed = prep.algorithm != Algorithm::kDirect;
+  if (transformed || a.r == 1) {
     prep.x = x;
     a.x_h = a.h;
     a.x_w = a.w;
@@ -138,15 +176,19 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
     a.x_w = a.w + 2;
   }
   a.x = prep.x.data_ptr<float>();
-  prep.plan = prep.winograd ? prep.table->plan_winograd(a) : prep.table->plan_direct(a);
-  prep.packed = at::empty({prep.plan.packed_floats}, x.options());
+  prep.plan = prep.algorithm == Algorithm::kWinograd4 ? prep.table->plan_winograd4(a)
+              : transformed                            ? prep.table->plan_winograd(a)
+                                                       : prep.table->plan_direct(a);
+  // the calling thread's workspace: valid until its next prepare_conv (see run_with_fallback)
+  float* packed = packed_workspace(prep.plan.packed_floats);
   // dgrad: tap (r, s) reads the weight's tap (R - 1 - r, R - 1 - s)
   const float* w = prep.weight.data_ptr<float>() +
                    (dgrad ? (a.r - 1) * (wt.stride(2) + wt.stride(3)) : 0);
-  float* packed = prep.packed.data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, prep.plan.panels, 1, [&](int64_t begin, int64_t end) {
-    if (prep.winograd) {
+    if (prep.algorithm == Algorithm::kWinograd4) {
+      if (!prep.table->pack_winograd4(prep.args, w, packed, begin, end)) finite = false;
+    } else if (transformed) {
       if (!prep.table->pack_winograd(prep.args, w, packed, begin, end)) finite = false;
     } else {
       prep.table->pack_direct(prep.args, w, packed, begin, end);
@@ -166,7 +208,9 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
 // packed weights are not finite: the outputs are then wrong and the caller runs direct.
 bool run_conv(const PreparedConv& prep, double* stats) {
   if (!prep.weights_finite) return false;
-  const auto run = prep.winograd ? prep.table->run_winograd : prep.table->run_direct;
+  const auto run = prep.algorithm == Algorithm::kWinograd4 ? prep.table->run_winograd4
+                   : prep.algorithm == Algorithm::kWinograd2 ? prep.table->run_winograd
+                                                             : prep.table->run_direct;
   const int64_t scratch_floats = prep.plan.scratch_floats;
   const int64_t k = prep.args.k;
   const int64_t items = prep.plan.items;
@@ -175,10 +219,10 @@ bool run_conv(const PreparedConv& prep, double* stats) {
   std::atomic<bool> ok{true};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1,
                    [&](int64_t, int64_t) {
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+    float* scratch = item_scratch(scratch_floats);
     for (int64_t item = next.fetch_add(1); item < items && ok; item = next.fetch_add(1)) {
       double* own = stats == nullptr ? nullptr : item_stats.data() + item * 3 * k;
-      if (!run(prep.args, item, scratch.data(), own)) ok = false;
+      if (!run(prep.args, item, scratch, own)) ok = false;
     }
   });
   if (stats != nullptr && ok) {
@@ -207,7 +251,7 @@ void run_with_fallback(const at::Tensor& x, const at::Tensor& weight, bool pool,
                        const Setup& setup, bool dgrad = false) {
   PreparedConv prep = prepare_conv(x, weight, pool, epilogue, /*winograd=*/true, dgrad);
   setup(prep);
-  if (run_conv(prep, stats) || !prep.winograd) return;
+  if (run_conv(prep, stats) || prep.algorithm == Algorithm::kDirect) return;
   if (stats != nullptr) std::fill(stats, stats + stats_doubles, 0.0);
   PreparedConv direct = prepare_conv(x, weight, pool, epilogue, /*winograd=*/false, dgrad);
   setup(direct);

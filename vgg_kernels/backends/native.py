@@ -27,11 +27,16 @@ from vgg_kernels.backends.reference import TorchGradients
 _ROOT = Path(__file__).resolve().parents[2]
 _OPS = ("conv_bn_relu_infer", "conv_bn_relu_train")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# CPU weight gradients of layers with at least this many input channels run as one GEMM over
-# shifted copies of the input, while those copies take at most WGRAD_GEMM_MAX_BYTES (see
-# NativeBackend.conv_wgrad).
-WGRAD_GEMM_MIN_CHANNELS = 16
-WGRAD_GEMM_MAX_BYTES = 256 * 2**20
+# CPU weight gradients run as one GEMM over the input's shifted copies where oneDNN's weight
+# gradient is slow: wide layers (at least WGRAD_GEMM_MIN_CHANNELS input channels) of few pixels
+# (N * H * W at most WGRAD_GEMM_MAX_PIXELS); oneDNN's everywhere else. Measured on a 2-core
+# Zen 4 (python benchmarks/profile_cpu_convs.py wgrad, 3x3, C = K): C 512, N 4, 4x4 GEMM
+# 2.1-2.6 ms against oneDNN 2.7-9.7 ms; C 512, N 32, 2x2 4.0 against 4.3 ms; but C 64, N 4,
+# 64x64 GEMM 22-26 ms against 3.4-4.2 ms, and C 512, N 32, 4x4 14.6 against 7.4 ms: MKL's sgemm
+# with a short M and the nine strided copies lose wherever there are pixels to amortise
+# oneDNN's setup.
+WGRAD_GEMM_MIN_CHANNELS = 256
+WGRAD_GEMM_MAX_PIXELS = 256
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "reason": str | None once loading was tried; "info": dict
@@ -276,16 +281,13 @@ class NativeBackend(TorchGradients):
         return torch.ops.vgg_kernels.conv_dgrad(grad, weight)
 
     def conv_wgrad(self, grad, x, weight_shape):
-        """On CPU tensors with at least WGRAD_GEMM_MIN_CHANNELS input channels, one GEMM of the
-        gradient with the input's R x R shifted copies (MKL's sgemm through torch.matmul), else
-        (the RGB first layer, or shifted copies over WGRAD_GEMM_MAX_BYTES) oneDNN's weight
-        gradient (the small 2x2 and 4x4 layers are where the GEMM gains most over it;
-        benchmarks/profile_cpu_train.py shows each op's share of a training step)."""
+        """On CPU tensors of a wide layer with few pixels (WGRAD_GEMM_MIN_CHANNELS,
+        WGRAD_GEMM_MAX_PIXELS), one GEMM of the gradient with the input's R x R shifted copies
+        (MKL's sgemm through torch.matmul); elsewhere oneDNN's weight gradient."""
         k, c, r, _ = weight_shape
         n, _, h, w = x.shape
-        shifted_bytes = n * h * w * r * r * c * x.element_size()
         if (not self._on_cpu(grad, x) or c < WGRAD_GEMM_MIN_CHANNELS
-                or shifted_bytes > WGRAD_GEMM_MAX_BYTES):
+                or n * h * w > WGRAD_GEMM_MAX_PIXELS):
             return super().conv_wgrad(grad, x, weight_shape)
         pad = r // 2
         padded = torch.nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))
