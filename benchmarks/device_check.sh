@@ -97,8 +97,8 @@ if [ "$PART" != bench ]; then
 fi
 
 # 4. benchmarks, most needed first (the step limits add up to far more than one 600 s call, so
-# a call cut short loses the least): after the preflights, the training and perceptual-loss
-# suites (memory of a training step, perceptual loss, each block's forward + backward), then the
+# a call cut short loses the least): after the preflights, fuse() on lpips and a UNet, the
+# training and perceptual-loss suites (memory of a training step, perceptual loss, each block's forward + backward), then the
 # whole model (inference and the autocast training step; torch.compile in
 # max-autotune-no-cudagraphs mode), then every VGG16 block's inference (batch 64, 224x224, bf16)
 # against cuDNN eager and torch.compile (default mode per block: max-autotune per block alone
@@ -141,6 +141,17 @@ if [ "$LAST_RC" != 124 ] && ! preflight_ok "$OUT/triton-preflight.json" triton; 
     echo "triton-preflight: not every block ran cleanly; the benchmarks run Triton with" \
         "VGG_KERNELS_TRITON_TMA=0" | tee -a "$LOG"
 fi
+# vgg_kernels.fuse on users' models, newest first: lpips.LPIPS(net='vgg') distance + input
+# gradient (batch 32, 256x256, bf16; needs the lpips and torchvision packages, else the step
+# fails with the reason), then the common UNet's autocast training step (batch 16, 256x256)
+step bench-lpips "${LIMIT_LPIPS:-90}" $PY -m vgg_kernels.bench lpips \
+    --batch 32 --resolution 256 --dtype bf16 --warmup 2 --repeats 10 \
+    --backends "triton,${NATIVE}eager,compile" --compile-mode max-autotune-no-cudagraphs \
+    --time-limit $(( ${LIMIT_LPIPS:-90} - 50 )) --out "$OUT/lpips.json"
+step bench-unet "${LIMIT_UNET:-90}" $PY -m vgg_kernels.bench unet \
+    --batch 16 --resolution 256 --dtype bf16 --warmup 2 --repeats 10 \
+    --backends "triton,${NATIVE}eager,compile" --compile-mode max-autotune-no-cudagraphs \
+    --time-limit $(( ${LIMIT_UNET:-90} - 50 )) --out "$OUT/unet.json"
 # bytes saved for the backward by one VGG16-BN training step (batch 64, 224x224, bf16) and the
 # CUDA peak growth, fused against eager; nothing timed, no compile
 step bench-memory "${LIMIT_MEMORY:-60}" $PY -m vgg_kernels.bench memory "${BENCH[@]}" \
@@ -196,7 +207,7 @@ fi
 
 # 5. summary: one result file with the suites of the main steps, then the table
 MERGE_FILES=()
-for suite in layers layers-train model perceptual memory; do
+for suite in layers layers-train model perceptual memory lpips unet; do
     [ -f "$OUT/$suite.json" ] && MERGE_FILES+=("$OUT/$suite.json")
 done
 if [ ${#MERGE_FILES[@]} -gt 0 ]; then
@@ -215,16 +226,16 @@ for s in summary["steps"]:
 EOF
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-160 | head -n 25
 grep -E "passed|failed|error" "$LOG" | grep -E "^=*.*(passed|failed)" | tail -n 3
-for suite in memory perceptual layers-train model layers layers-native-auto layers-first-alt \
-        layers-native-wgmma layers-native-halo layers-native-halo-t; do
+for suite in lpips unet memory perceptual layers-train model layers layers-native-auto \
+        layers-first-alt layers-native-wgmma layers-native-halo layers-native-halo-t; do
     if [ -f "$OUT/$suite.json" ]; then
         $PY -m vgg_kernels.bench show "$OUT/$suite.json" 2>/dev/null
     fi
 done
 # the performance bars these files meet or miss (vgg_kernels/bench/bars.py)
 BAR_FILES=()
-for suite in memory perceptual layers-train model layers layers-native-auto layers-native-wgmma \
-        layers-native-halo; do
+for suite in lpips unet memory perceptual layers-train model layers layers-native-auto \
+        layers-native-wgmma layers-native-halo; do
     [ -f "$OUT/$suite.json" ] && BAR_FILES+=("$OUT/$suite.json")
 done
 if [ ${#BAR_FILES[@]} -gt 0 ]; then

@@ -1,10 +1,10 @@
 """``readme``: rewrite the generated benchmark sections from the newest committed GPU result.
 
 README.md's section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``: the run's
-environment, the whole-model table and the charts. docs/benchmarks.md holds the same markers,
-with the per-block table as well. Both come from the newest (by recorded date) result file in
-benchmarks/results/ that git tracks and that ran on CUDA; while there is none, each section says
-so in one sentence.
+environment and the whole-model table. docs/benchmarks.md holds the same markers, with the
+per-block table and the charts as well (without that page, README.md gets them all). Both come
+from the newest (by recorded date) result file in benchmarks/results/ that git tracks and that
+ran on CUDA; while there is none, each section says so in one sentence.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def render_section(result: dict[str, Any] | None, source: str | None,
         + (f", {peak['l2_read']['gbps']:.0f} GB/s (L2 read)." if "l2_read" in peak else "."),
     ]
     suites = result["suites"]
-    if "layers" in suites and not per_block:
-        lines += ["", "Per-block figures of this run: [docs/benchmarks.md](docs/benchmarks.md)."]
+    if not per_block:
+        lines += ["", "Per-block figures and charts of this run: "
+                      "[docs/benchmarks.md](docs/benchmarks.md)."]
     if "layers" in suites and per_block:
         s = suites["layers"]["settings"]
         lines += ["", f"Per block (VGG {s['config']}, batch {s['batch']}, {s['resolution']}px, "
@@ -179,8 +180,10 @@ def update_readme(readme: Path, results_dir: Path, plots_dir: Path | None,
         except ValueError:
             source = str(found[0])
     changed = False
-    targets = [(readme, False, plots)]
-    if details is not None and details.is_file() and START in details.read_text():
+    has_details = details is not None and details.is_file() and START in details.read_text()
+    # the charts go with the per-block table where there is a page for it
+    targets = [(readme, not has_details, [] if has_details else plots)]
+    if has_details:
         relative = [os.path.relpath(readme.parent / p, details.parent) for p in plots]
         targets.append((details, True, relative))
     for path, per_block, links in targets:
