@@ -8,8 +8,8 @@ all variants alike.
 ``forward``: the inference block (conv + scale/shift + ReLU, + 2x2 pool with ``pool`` 1) on the
 native backend with VGG_KERNELS_CPU_CONV forced to each algorithm, next to nn.Conv2d alone
 (oneDNN); the choice of csrc/cpu/ops_cpu.cpp (choose_algorithm, winograd4_pays).
-``wgrad``: the weight gradient of a 3x3 conv, NativeBackend's GEMM path against oneDNN's
-(WGRAD_GEMM_MIN_CHANNELS, WGRAD_GEMM_MAX_PIXELS in vgg_kernels/backends/native.py).
+``wgrad``: the weight gradient of a 3x3 conv, the extension's Winograd kernel against oneDNN's
+(WGRAD_WINOGRAD_MIN_CHANNELS in vgg_kernels/backends/native.py).
 Without shapes, VGG16's and the UNet's layers at batch 4. Prints medians in ms.
 """
 
@@ -25,9 +25,9 @@ FORWARD_SHAPES = ["4,64,64,112,1", "4,64,128,56", "4,128,128,56,1", "4,128,256,2
                   "4,256,256,28", "4,256,512,14", "4,512,512,14", "4,512,512,7",
                   "4,64,64,64", "4,128,128,32", "4,256,256,16", "4,512,512,8", "4,1024,256,8",
                   "1,64,64,224,1", "1,512,512,28", "32,256,512,4"]
-WGRAD_SHAPES = ["4,64,64,64", "4,128,128,32", "4,256,256,16", "4,512,512,8", "4,512,512,4",
-                "4,1024,256,8", "32,64,64,32", "32,256,256,8", "32,512,512,4", "32,512,512,2",
-                "4,512,512,14", "4,512,512,7"]
+WGRAD_SHAPES = ["4,3,64,112", "4,8,64,64", "4,64,64,64", "4,128,128,32", "4,256,256,16",
+                "4,512,512,8", "4,512,512,4", "4,1024,256,8", "32,64,64,32", "32,256,256,8",
+                "32,512,512,4", "32,512,512,2", "4,512,512,14", "4,64,64,112"]
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -75,33 +75,20 @@ def _forward_case(text: str, repeats: int) -> str:
 
 
 def _wgrad_case(text: str, repeats: int) -> str:
-    from vgg_kernels.backends.native import BACKEND
+    from vgg_kernels.backends.native import BACKEND, _load
     from vgg_kernels.backends.reference import conv_wgrad_reference
+
+    _load()
 
     n, c, k, h = (int(v) for v in text.split(","))
     x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(n, k, h, h).contiguous(memory_format=torch.channels_last)
     shape = [k, c, 3, 3]
-    gemm = _gemm_wgrad(BACKEND)
-    times = _interleaved({"gemm": lambda: gemm(grad, x, shape),
+    times = _interleaved({"winograd": lambda: torch.ops.vgg_kernels.conv_wgrad(grad, x),
                           "onednn": lambda: conv_wgrad_reference(grad, x, shape),
                           "chosen": lambda: BACKEND.conv_wgrad(grad, x, shape)}, repeats)
     return (f"N{n} C{c} K{k} {h}x{h} (N*H*W {n * h * h}): "
             + "  ".join(f"{name} {value:.2f}" for name, value in times.items()))
-
-
-def _gemm_wgrad(backend):
-    """NativeBackend.conv_wgrad with its GEMM path forced."""
-    from vgg_kernels.backends import native
-
-    def call(grad, x, shape):
-        saved = native.WGRAD_GEMM_MIN_CHANNELS, native.WGRAD_GEMM_MAX_PIXELS
-        native.WGRAD_GEMM_MIN_CHANNELS, native.WGRAD_GEMM_MAX_PIXELS = 0, 1 << 62
-        try:
-            return backend.conv_wgrad(grad, x, shape)
-        finally:
-            native.WGRAD_GEMM_MIN_CHANNELS, native.WGRAD_GEMM_MAX_PIXELS = saved
-    return call
 
 
 def main() -> None:

@@ -40,6 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, bool pool, bool activation, bool codes);
 at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight);
+// The weight gradient (K, C, 3, 3) fp32 of a 3x3 conv (stride 1, padding 1) from its input x
+// and output gradient grad, by Winograd F(3x3, 2x2); nullopt when a transform meets a
+// non-finite value (the caller then runs another algorithm, which carries it as PyTorch does).
+std::optional<at::Tensor> conv_wgrad(const at::Tensor& grad, const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
     const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
     const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool, int64_t n,

@@ -205,6 +205,31 @@ at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight) {
   return cpu::conv_dgrad(grad, weight);
 }
 
+// The weight gradient (K, C, 3, 3) of a 3x3 conv (stride 1, padding 1), CPU fp32: Winograd
+// F(3x3, 2x2), or ATen's convolution backward where a transform meets a non-finite value
+// (which ATen's sums carry through as PyTorch does).
+at::Tensor conv_wgrad(const at::Tensor& grad, const at::Tensor& x) {
+  check_activation(grad, "grad");
+  check_activation(x, "x");
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) &&
+                  grad.size(3) == x.size(3),
+              "grad must have x's batch, height and width ", shape_str(x), " (got ",
+              shape_str(grad), ")");
+  check_same_device(x, "x", grad, "grad");
+  TORCH_CHECK(grad.is_cpu(), "conv_wgrad runs CPU tensors (got ", grad.device(), ")");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
+              "conv_wgrad runs float32 tensors (got grad ", grad.scalar_type(), ", x ",
+              x.scalar_type(), ")");
+  const int64_t k = grad.size(1), c = x.size(1);
+  if (grad.numel() == 0 || x.numel() == 0) return at::zeros({k, c, 3, 3}, x.options());
+  std::optional<at::Tensor> dw = cpu::conv_wgrad(grad, x);
+  if (dw.has_value()) return *dw;
+  const at::Tensor shape_only = at::empty({k, c, 3, 3}, x.options());
+  return std::get<1>(at::convolution_backward(grad, x, shape_only, std::nullopt, {1, 1}, {1, 1},
+                                              {1, 1}, false, {0, 0}, 1,
+                                              {false, true, false}));
+}
+
 std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
     const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
     const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool,
@@ -282,6 +307,7 @@ TORCH_LIBRARY(vgg_kernels, m) {
   m.def("conv_bn_relu_infer_outputs(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
         "bool pool, bool activation, bool codes) -> (Tensor y, Tensor activation, Tensor codes)");
   m.def("conv_dgrad(Tensor grad, Tensor weight) -> Tensor");
+  m.def("conv_wgrad(Tensor grad, Tensor x) -> Tensor");
   m.def("relu_pool_backward(Tensor grad_y, Tensor mask, Tensor? grad_a, Tensor? act, "
         "Tensor scale, bool pool, int[] shape) -> (Tensor grad_pre, Tensor grad_shift)");
   m.def("build_info() -> str", &vgg_kernels::build_info);
@@ -296,6 +322,7 @@ TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {
   m.impl("bn_relu_backward", &vgg_kernels::bn_relu_backward);
   m.impl("conv_bn_relu_infer_outputs", &vgg_kernels::conv_bn_relu_infer_outputs);
   m.impl("conv_dgrad", &vgg_kernels::conv_dgrad);
+  m.impl("conv_wgrad", &vgg_kernels::conv_wgrad);
   m.impl("relu_pool_backward", &vgg_kernels::relu_pool_backward);
 }
 

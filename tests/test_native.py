@@ -220,6 +220,35 @@ def test_cpu_training_block_matches_oracle(shape, native_cpu):
         assert_within_rule(got, want, ref, torch.float32)
 
 
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[5] == 3],
+                         ids=[i for s, i in zip(SHAPES, SHAPE_IDS, strict=True) if s[5] == 3])
+def test_cpu_winograd_weight_gradient_matches_oracle(shape, native_cpu):
+    """The Winograd F(3x3, 2x2) weight gradient (every 3x3 layer with 8+ input channels on the
+    CPU), odd H and W included, against F.conv2d's weight gradient in fp32 and float64."""
+    n, c, k, h, w, _, _ = shape
+    x = torch.relu(torch.randn(n, c, h, w)).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.vgg_kernels.conv_wgrad(grad, x)
+    want = torch.nn.grad.conv2d_weight(x, (k, c, 3, 3), grad, padding=1)
+    oracle = torch.nn.grad.conv2d_weight(x.double(), (k, c, 3, 3), grad.double(), padding=1)
+    assert got.shape == (k, c, 3, 3) and got.is_contiguous()
+    assert_within_rule(got, want, oracle, torch.float32)
+
+
+@pytest.mark.parametrize("where", ["x", "grad"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_cpu_winograd_weight_gradient_keeps_non_finite_values(where, value, native_cpu):
+    """A transform would turn an Inf into Inf - Inf = NaN: such inputs take ATen's sums, which
+    give exactly F.conv2d's infinities and NaNs."""
+    x = torch.randn(2, 9, 6, 7).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    (x if where == "x" else grad)[1, 3, 2, 4] = value
+    got = torch.ops.vgg_kernels.conv_wgrad(grad, x)
+    want = torch.nn.grad.conv2d_weight(x, (5, 9, 3, 3), grad, padding=1)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
 def test_cpu_fused_block_and_model_train_mode_match_reference(native_cpu):
     block = FusedConvBNReLU(5, 7, pool=True, backend="native")
     twin = FusedConvBNReLU(5, 7, pool=True, backend="reference")
@@ -365,6 +394,7 @@ def _opcheck_cases(device: torch.device, dtype: torch.dtype):
         "conv_bn_stats": (x, weight, shift),
         "bn_relu_pool": (z, mean, scale, shift, True),
         "bn_relu_backward": (grad_y, z, mean, invstd, scale, shift, True),
+        "conv_wgrad": (z, x),
     }
 
 
@@ -374,7 +404,7 @@ def _opcheck(device: torch.device, dtype: torch.dtype, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["conv_bn_relu_infer", "conv_bn_stats", "bn_relu_pool",
-                                  "bn_relu_backward"])
+                                  "bn_relu_backward", "conv_wgrad"])
 def test_cpu_ops_pass_opcheck(name, native_cpu):
     """torch.library.opcheck: outputs alias neither inputs nor each other, as the schemas say;
     the fake kernels give the real outputs' shapes, dtypes and strides; AOT dispatch traces."""

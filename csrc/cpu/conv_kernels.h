@@ -90,6 +90,24 @@ struct MaskedGradientArgs {
   float* grad_pre;       // (n, h, w, k)
 };
 
+// The weight gradient of a 3x3 conv (stride 1, padding 1) by Winograd F(3x3, 2x2): each 2x2
+// block of the output gradient g (tile t) and the 4x4 input patch under it give
+// dW[k][c] += A^T [(G g_t G^T) .* (B^T x_t B)] A, with B^T the forward F(2x2, 3x3)'s. The sum
+// over tiles is 16 GEMMs, M[xi] (c x k) += V[xi]^T (c x tiles) W[xi] (tiles x k), over tile
+// chunks [t0, t0 + count) into buffers the glue owns (see ops_cpu.cpp, conv_wgrad).
+struct WgradArgs {
+  int64_t n, c, k, h, w;    // batch, input channels, output channels, height, width
+  int64_t tiles_h, tiles_w; // ceil(h / 2), ceil(w / 2)
+  int64_t panels;           // output-channel panels (k rounded up to the panel width)
+  const float* x;           // NHWC input (n, h, w, c)
+  const float* grad;        // NHWC output gradient (n, h, w, k)
+  int64_t t0, count;        // the chunk of tiles in the buffers below
+  float* v;                 // [16][count][c]: B^T x B per tile and input channel
+  float* g;                 // [16][panels][count][panel width]: G g G^T, zero past k
+  float* m;                 // [16][c][panels * panel width]: the chunks' sum so far
+  float* dw;                // (k, c, 3, 3) contiguous: A^T M A
+};
+
 // Per-channel statistics of z (kBiasStats): a work item's 3 * k doubles, (count, mean, m2) per
 // channel in three rows of k, where m2 is the sum of squared deviations from the mean. An item
 // sums z - z0 and (z - z0)^2 in fp32 around its first pixel's z0 (a value of the same
@@ -142,6 +160,15 @@ struct KernelTable {
   // sums[0 .. k) (fp64; fp32 within a row). `row` is k_pad floats of scratch.
   void (*masked_gradient)(const MaskedGradientArgs& args, int64_t begin, int64_t end,
                           double* sums, float* row);
+  // Winograd weight gradient (WgradArgs): transforms of the chunk's tiles [begin, end) (false
+  // when a transformed value is not finite: the glue falls back to another algorithm); the
+  // chunk's GEMMs, item = (xi, block of kWgradRows input channels, panel), `accumulate` adding
+  // to M (every chunk after the first); A^T M A for input channels [begin, end).
+  bool (*wgrad_transform_input)(const WgradArgs& args, int64_t begin, int64_t end);
+  bool (*wgrad_transform_grad)(const WgradArgs& args, int64_t begin, int64_t end);
+  int64_t (*wgrad_items)(const WgradArgs& args);
+  void (*wgrad_gemm)(const WgradArgs& args, int64_t item, bool accumulate);
+  void (*wgrad_output)(const WgradArgs& args, int64_t begin, int64_t end);
 };
 
 // nullptr where the build has no such variant (the AVX ones outside x86-64 GCC/Clang).

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -314,6 +315,58 @@ at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight) {
   const at::Tensor ones = at::ones({c}, grad.options().dtype(at::kFloat));
   return run_scale_shift(grad, weight, ones, at::zeros_like(ones), false, Epilogue::kScaleShift,
                          {}, {}, /*dgrad=*/true);
+}
+
+// Bytes of transformed input and output gradient per tile chunk of the Winograd weight gradient
+// (two buffers of 16 values per tile and channel): the tiles are processed in chunks that fit,
+// their GEMMs adding to M in chunk order.
+constexpr int64_t kWgradChunkBytes = 16 << 20;
+
+std::optional<at::Tensor> conv_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in) {
+  const KernelTable& table = kernel_table();
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor grad = grad_in.contiguous(at::MemoryFormat::ChannelsLast);
+  WgradArgs a;
+  a.n = x.size(0);
+  a.c = x.size(1);
+  a.h = x.size(2);
+  a.w = x.size(3);
+  a.k = grad.size(1);
+  a.tiles_h = ceil_div(a.h, 2);
+  a.tiles_w = ceil_div(a.w, 2);
+  a.panels = ceil_div(a.k, table.panel_width);
+  a.x = x.data_ptr<float>();
+  a.grad = grad.data_ptr<float>();
+  const int64_t tiles = a.n * a.tiles_h * a.tiles_w;
+  const int64_t per_tile = 16 * (a.c + a.panels * table.panel_width);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(
+      tiles, kWgradChunkBytes / static_cast<int64_t>(sizeof(float)) / per_tile));
+  thread_local std::vector<float> transformed, sums;
+  float* v = thread_buffer(transformed, chunk * per_tile);
+  a.v = v;
+  a.g = v + 16 * chunk * a.c;
+  a.m = thread_buffer(sums, 16 * a.c * a.panels * table.panel_width);
+  at::Tensor dw = at::empty({a.k, a.c, 3, 3}, x.options());
+  a.dw = dw.data_ptr<float>();
+  const int64_t items = table.wgrad_items(a);
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
+    a.t0 = t0;
+    a.count = std::min(chunk, tiles - t0);
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, a.count, 16, [&](int64_t begin, int64_t end) {
+      if (!table.wgrad_transform_input(a, begin, end)) finite = false;
+      if (!table.wgrad_transform_grad(a, begin, end)) finite = false;
+    });
+    if (!finite) return std::nullopt;  // Inf - Inf in a transform: the caller's algorithm
+    const bool accumulate = t0 > 0;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) table.wgrad_gemm(a, item, accumulate);
+    });
+  }
+  at::parallel_for(0, a.c, 8, [&](int64_t begin, int64_t end) {
+    table.wgrad_output(a, begin, end);
+  });
+  return dw;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(

@@ -27,14 +27,18 @@ from vgg_kernels.backends.reference import TorchGradients
 _ROOT = Path(__file__).resolve().parents[2]
 _OPS = ("conv_bn_relu_infer", "conv_bn_relu_train")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# CPU weight gradients run as one GEMM over the input's shifted copies where oneDNN's weight
-# gradient is slow: wide layers (at least WGRAD_GEMM_MIN_CHANNELS input channels) of few pixels
-# (N * H * W at most WGRAD_GEMM_MAX_PIXELS); oneDNN's everywhere else. Measured on a 2-core
-# Zen 4 (python benchmarks/profile_cpu_convs.py wgrad, 3x3, C = K): C 512, N 4, 4x4 GEMM
-# 2.1-2.6 ms against oneDNN 2.7-9.7 ms; C 512, N 32, 2x2 4.0 against 4.3 ms; but C 64, N 4,
-# 64x64 GEMM 22-26 ms against 3.4-4.2 ms, and C 512, N 32, 4x4 14.6 against 7.4 ms: MKL's sgemm
-# with a short M and the nine strided copies lose wherever there are pixels to amortise
-# oneDNN's setup.
+# CPU weight gradients of 3x3 convs with at least WGRAD_WINOGRAD_MIN_CHANNELS input channels run
+# on the extension's Winograd F(3x3, 2x2) kernel (2.25x fewer multiplies than the direct sums).
+# Measured on a 2-core Zen 4 (python benchmarks/profile_cpu_convs.py wgrad, ms, Winograd /
+# oneDNN): C = K = 64 at batch 4, 64x64 3.82 / 5.38; 512 at 8x8 2.40 / 7.01; 512 at batch 32,
+# 4x4 4.24 / 10.22; 64 at batch 4, 112x112 10.65 / 16.30; 8 -> 64 at 64x64 0.67 / 0.91; but
+# the RGB first layer 3 -> 64 at 112x112 1.70 / 0.73 (its transforms outweigh 3-row GEMMs).
+WGRAD_WINOGRAD_MIN_CHANNELS = 8
+# 1x1 convs: one MKL GEMM over the input where the layer is wide and has few pixels (at least
+# WGRAD_GEMM_MIN_CHANNELS input channels, N * H * W at most WGRAD_GEMM_MAX_PIXELS), oneDNN's
+# weight gradient elsewhere: MKL's sgemm with a short M loses wherever there are pixels to
+# amortise oneDNN's setup (C 64, N 4, 64x64: 22-26 ms against 3.4-4.2 ms as 3x3 shifted
+# copies).
 WGRAD_GEMM_MIN_CHANNELS = 256
 WGRAD_GEMM_MAX_PIXELS = 256
 
@@ -199,6 +203,10 @@ def _fake_relu_pool_backward(grad_y, mask, grad_a, act, scale, pool, shape):
     return _empty_nhwc(tuple(shape), grad_y), scale.new_empty(shape[1], dtype=torch.float32)
 
 
+def _fake_conv_wgrad(grad, x):
+    return grad.new_empty((grad.shape[1], x.shape[1], 3, 3), dtype=torch.float32)
+
+
 def _register_fakes() -> None:
     global _fakes_registered
     if _fakes_registered:
@@ -210,6 +218,7 @@ def _register_fakes() -> None:
                      ("bn_relu_backward", _fake_bn_relu_backward),
                      ("conv_bn_relu_infer_outputs", _fake_conv_bn_relu_infer_outputs),
                      ("conv_dgrad", _fake_conv_dgrad),
+                     ("conv_wgrad", _fake_conv_wgrad),
                      ("relu_pool_backward", _fake_relu_pool_backward)):
         torch.library.register_fake(f"vgg_kernels::{name}")(fn)
 
@@ -281,23 +290,20 @@ class NativeBackend(TorchGradients):
         return torch.ops.vgg_kernels.conv_dgrad(grad, weight)
 
     def conv_wgrad(self, grad, x, weight_shape):
-        """On CPU tensors of a wide layer with few pixels (WGRAD_GEMM_MIN_CHANNELS,
-        WGRAD_GEMM_MAX_PIXELS), one GEMM of the gradient with the input's R x R shifted copies
-        (MKL's sgemm through torch.matmul); elsewhere oneDNN's weight gradient."""
+        """On CPU tensors: 3x3 convs with WGRAD_WINOGRAD_MIN_CHANNELS or more input channels on
+        the Winograd kernel; 1x1 convs of a wide layer with few pixels as one GEMM
+        (WGRAD_GEMM_MIN_CHANNELS, WGRAD_GEMM_MAX_PIXELS); oneDNN's weight gradient elsewhere."""
         k, c, r, _ = weight_shape
         n, _, h, w = x.shape
-        if (not self._on_cpu(grad, x) or c < WGRAD_GEMM_MIN_CHANNELS
-                or n * h * w > WGRAD_GEMM_MAX_PIXELS):
+        if not self._on_cpu(grad, x):
             return super().conv_wgrad(grad, x, weight_shape)
-        pad = r // 2
-        padded = torch.nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))
-        shifted = x.new_empty((n, h, w, r, r, c))
-        for i in range(r):
-            for j in range(r):
-                shifted[:, :, :, i, j, :] = padded[:, i:i + h, j:j + w, :]
+        if r == 3 and c >= WGRAD_WINOGRAD_MIN_CHANNELS:
+            return torch.ops.vgg_kernels.conv_wgrad(grad, x)
+        if r != 1 or c < WGRAD_GEMM_MIN_CHANNELS or n * h * w > WGRAD_GEMM_MAX_PIXELS:
+            return super().conv_wgrad(grad, x, weight_shape)
         rows = grad.permute(0, 2, 3, 1).reshape(-1, k)
-        product = rows.t() @ shifted.view(-1, r * r * c)  # (K, R * R * C)
-        return product.view(k, r, r, c).permute(0, 3, 1, 2)
+        product = rows.t() @ x.permute(0, 2, 3, 1).reshape(-1, c)  # (K, C)
+        return product.view(k, c, 1, 1)
 
     def conv_bn_relu_infer_outputs(self, x, weight, scale, shift, pool, activation, codes):
         odd = x.shape[2] % 2 or x.shape[3] % 2
