@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -16,6 +18,31 @@
 
 namespace vgg_kernels {
 namespace {
+
+// VGG_KERNELS_TEST_SLOWDOWN=<factor> (for tests only): a CPU op spins, at its end, until it has
+// taken `factor` times its own time. The CPU regression gate's tests use it to show that a
+// slower kernel fails the gate (vgg_kernels/bench/gate.py).
+class TestSlowdown {
+ public:
+  explicit TestSlowdown(bool cpu)
+      : start_(std::chrono::steady_clock::now()), factor_(cpu ? read_factor() : 1.0) {}
+  ~TestSlowdown() {
+    if (factor_ <= 1.0) return;
+    const auto spent = std::chrono::steady_clock::now() - start_;
+    const auto until = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                    spent * factor_);
+    while (std::chrono::steady_clock::now() < until) {
+    }
+  }
+
+ private:
+  static double read_factor() {
+    const char* text = std::getenv("VGG_KERNELS_TEST_SLOWDOWN");
+    return text == nullptr ? 1.0 : std::atof(text);
+  }
+  std::chrono::steady_clock::time_point start_;
+  double factor_;
+};
 
 std::string shape_str(const at::Tensor& t) {
   std::string s = "(";
@@ -98,6 +125,7 @@ at::Tensor stats_zeros(int64_t k, const at::Tensor& like) {
 
 at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& scale, const at::Tensor& shift, bool pool) {
+  const TestSlowdown slowdown(x.is_cpu());
   check_conv(x, weight);
   const int64_t k = weight.size(0);
   check_channel_vector(scale, "scale", k, x, "x");
@@ -113,6 +141,7 @@ at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const TestSlowdown slowdown(x.is_cpu());
   check_conv(x, weight);
   const int64_t k = weight.size(0);
   if (bias.has_value()) check_channel_vector(*bias, "bias", k, x, "x");
@@ -129,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
 
 at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
                         const at::Tensor& beta, bool pool) {
+  const TestSlowdown slowdown(z.is_cpu());
   check_activation(z, "z");
   const int64_t k = z.size(1);
   check_channel_vector(mean, "mean", k, z, "z");
@@ -146,6 +176,7 @@ at::Tensor bn_relu_pool(const at::Tensor& z, const at::Tensor& mean, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& beta, bool pool) {
+  const TestSlowdown slowdown(z.is_cpu());
   check_activation(z, "z");
   const int64_t k = z.size(1);
   check_pool_size(z, "z", pool);
@@ -174,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, bool pool, bool activation, bool codes) {
+  const TestSlowdown slowdown(x.is_cpu());
   check_conv(x, weight);
   const int64_t k = weight.size(0);
   check_channel_vector(scale, "scale", k, x, "x");
@@ -189,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
 }
 
 at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight) {
+  const TestSlowdown slowdown(grad.is_cpu());
   check_activation(grad, "grad");
   TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (K, C, R, R) (got ", weight.dim(),
               "-D shape ", shape_str(weight), ")");
@@ -209,6 +242,7 @@ at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight) {
 // F(3x3, 2x2), or ATen's convolution backward where a transform meets a non-finite value
 // (which ATen's sums carry through as PyTorch does).
 at::Tensor conv_wgrad(const at::Tensor& grad, const at::Tensor& x) {
+  const TestSlowdown slowdown(grad.is_cpu());
   check_activation(grad, "grad");
   check_activation(x, "x");
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(2) == x.size(2) &&
@@ -234,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
     const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
     const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool,
     at::IntArrayRef shape) {
+  const TestSlowdown slowdown(grad_y.is_cpu());
   TORCH_CHECK(shape.size() == 4, "shape must be (N, K, H, W) (got ", shape, ")");
   const int64_t n = shape[0], k = shape[1], h = shape[2], w = shape[3];
   const std::vector<int64_t> out = {n, k, pool ? h / 2 : h, pool ? w / 2 : w};

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -35,6 +36,7 @@ from vgg_kernels.bench.results import (
     ResultFileError,
     load_result,
     merge_results,
+    round_floats,
     validate_result,
     write_result,
 )
@@ -243,6 +245,31 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "every bar they evaluate is met; 1: one is missed; 2: "
                                       "unreadable files or nothing to evaluate.")
     bars.add_argument("files", nargs="+", metavar="RESULT.json")
+
+    gate = sub.add_parser("gate", help="CPU regression gate: native kernels over eager PyTorch, "
+                                       "the same run's ratios against a baseline's",
+                          description="Measure how much faster the native CPU kernels run than "
+                                      "eager PyTorch on a fixed set of blocks (ratios of "
+                                      "paired calls in one process) and compare the ratios "
+                                      "with a baseline's (vgg_kernels/bench/gate.py). Exit 0: "
+                                      "no regression; 1: a regression; 2: errors.")
+    gate.add_argument("--baseline", type=Path,
+                      default=REPO_ROOT / "benchmarks" / "baselines" / "cpu-gate.json")
+    gate.add_argument("--write-baseline", action="store_true",
+                      help="write the measurement to --baseline instead of comparing")
+    gate.add_argument("--out", type=Path, default=None, help="also write the measurement here")
+    gate.add_argument("--repeats", type=int, default=21, help="paired rounds per case (21)")
+    gate.add_argument("--baseline-runs", type=int, default=3,
+                      help="with --write-baseline: runs whose per-case medians make the "
+                           "baseline (default 3)")
+    gate.add_argument("--cases", default=None, metavar="NAMES",
+                      help="comma-separated case names (default: every case)")
+    gate.add_argument("--threshold", type=float, default=None,
+                      help="largest fall of the geometric mean of the ratios (default 0.10)")
+    gate.add_argument("--case-threshold", type=float, default=None,
+                      help="largest fall of one case's ratio (default 0.15)")
+    gate.add_argument("--threads", type=int, default=None,
+                      help="torch.set_num_threads (default: torch's choice)")
 
     show = sub.add_parser("show", help="print the tables of result files")
     show.add_argument("files", nargs="+", metavar="RESULT.json")
@@ -526,6 +553,61 @@ def _validate(args: argparse.Namespace) -> int:
     return status
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from vgg_kernels.bench import gate
+
+    cases = gate.CASES
+    if args.cases:
+        wanted = [name.strip() for name in args.cases.split(",") if name.strip()]
+        known = {case.name: case for case in gate.CASES}
+        unknown = [name for name in wanted if name not in known]
+        if unknown or not wanted:
+            print(f"error: --cases must name gate cases ({', '.join(known)}); got "
+                  f"{args.cases!r}", file=sys.stderr)
+            return 2
+        cases = tuple(known[name] for name in wanted)
+    if (args.repeats <= 0 or args.baseline_runs <= 0
+            or (args.threads is not None and args.threads <= 0)):
+        print("error: --repeats, --baseline-runs and --threads must be positive",
+              file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    baseline = None
+    if not args.write_baseline:
+        try:
+            baseline = gate.load_gate(args.baseline)
+        except (OSError, ValueError) as error:
+            print(f"error: cannot read the baseline: {error}", file=sys.stderr)
+            return 2
+    try:
+        runs = [gate.run_gate(cases, args.repeats)
+                for _ in range(args.baseline_runs if args.write_baseline else 1)]
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = gate.merge_runs(runs) if len(runs) > 1 else runs[0]
+    text = json.dumps(round_floats(result), indent=1) + "\n"
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.write_baseline:
+        args.baseline.parent.mkdir(parents=True, exist_ok=True)
+        args.baseline.write_text(text)
+        print(f"wrote {args.baseline} (geomean eager / native {result['geomean']:.2f})")
+        return 0
+    options = {key: value for key, value in (("threshold", args.threshold),
+                                             ("case_threshold", args.case_threshold))
+               if value is not None}
+    passed, lines = gate.judge_gate(baseline, result, **options)
+    print("\n".join(lines))
+    if not passed:
+        print("FAILED: the native kernels lost ground against eager PyTorch beyond the gate's "
+              "thresholds", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     for name in args.files:
         try:
@@ -565,4 +647,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("layers", "model", "all", "perceptual", "memory", "lpips", "unet"):
         return _run(args, argv)
     return {"compare": _compare, "merge": _merge, "plot": _plot, "readme": _readme,
-            "validate": _validate, "show": _show, "bars": _bars}[args.command](args)
+            "validate": _validate, "show": _show, "bars": _bars,
+            "gate": _gate}[args.command](args)
