@@ -12,6 +12,9 @@ other processes hits all alike):
     eager_cl        the same in channels_last
     eager_folded    BN folded into the conv by hand (torch.nn.utils.fusion), NCHW (eval only)
     fused           FusedVGG.from_torchvision(model) on backend 'auto' (native on the CPU)
+    fused_fold_cached  the same model with each block's BN fold (its K scales and shifts,
+                    computed afresh on every call) memoized instead: what a fold cache would
+                    save (eval only; the ratio fused_fold_cached / fused is the fold's cost)
 Train mode (--mode train, default config A: vgg11_bn): one SGD step (momentum 0.9, cross-entropy,
 torchvision's classifier) per call, the same bar, at batch 32, 32x32 and batch 4, 112x112; also
 timed: the head alone (avgpool + classifier forward, backward and SGD step on the features'
@@ -110,6 +113,27 @@ def _fold_bn(model: nn.Module) -> nn.Module:
     return folded
 
 
+def _with_fold_cache(fn):
+    """``fn`` run with ``vgg_kernels.layers._fold`` memoized per (conv, bn) pair for the call."""
+    from vgg_kernels import layers
+
+    fold, memo = layers._fold, {}
+
+    def cached(conv, bn, device):
+        key = (id(conv), id(bn))
+        if key not in memo:
+            memo[key] = fold(conv, bn, device)
+        return memo[key]
+
+    def call():
+        layers._fold = cached
+        try:
+            return fn()
+        finally:
+            layers._fold = fold
+    return call
+
+
 def _summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
 
@@ -202,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "eager_cl": lambda: eager_cl(x_cl),
             "eager_folded": lambda: folded(x),
             "fused": lambda: fused(x),
+            "fused_fold_cached": _with_fold_cache(lambda: fused(x)),
         }
         with torch.no_grad():
             oracle = copy.deepcopy(eager).double()(x.double())
@@ -260,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{model_name} {args.mode}, batch {args.batch}, {args.resolution}x{args.resolution}, "
           f"fp32, {torch.get_num_threads()} threads, backend {backend} "
           f"({result['environment']['native'].get('cpu', 'n/a')})")
-    print(f"{'variant':<14}{'median s':>10}{'p20 s':>9}{'p80 s':>9}{'eager/x':>9}{'max err':>10}")
+    print(f"{'variant':<18}{'median s':>10}{'p20 s':>9}{'p80 s':>9}{'eager/x':>9}{'max err':>10}")
     for name in variants:
         s = stats[name]
         error = "n/a" if errors[name] is None else f"{errors[name]:.1e}"
-        print(f"{name:<14}{s['median_s']:>10.4f}{s['p20_s']:>9.4f}{s['p80_s']:>9.4f}"
+        print(f"{name:<18}{s['median_s']:>10.4f}{s['p20_s']:>9.4f}{s['p80_s']:>9.4f}"
               f"{stats['eager']['median_s'] / s['median_s']:>9.2f}{error:>10}")
+    if "fused_fold_cached" in stats:
+        print(f"BN fold on every call: fused_fold_cached / fused = "
+              f"{ratios['fused_fold_cached_over_fused']:.3f}")
     print(f"eager / fused = {ratios['eager_over_fused']:.2f} (bar 1.25: "
           f"{'met' if result['bar']['met'] else 'NOT met'}); eager_cl / fused = "
           f"{ratios['eager_cl_over_fused']:.2f}")
