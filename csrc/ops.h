@@ -48,6 +48,9 @@ std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
     const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
     const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool, int64_t n,
     int64_t k, int64_t h, int64_t w);
+// x W^T + bias for a 2-D fp32 x of few rows, each weight element read once (LinearArgs).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias);
 // "avx512", "avx2" or "generic": the conv kernel variant the next call will use.
 std::string isa();
 }  // namespace cpu

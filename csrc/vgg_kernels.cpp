@@ -264,6 +264,32 @@ at::Tensor conv_wgrad(const at::Tensor& grad, const at::Tensor& x) {
                                               {false, true, false}));
 }
 
+// nn.Linear's forward, x (M, in) W^T + bias, CPU fp32, for a few rows (a classifier at small
+// batch; vgg_kernels/layers.py sends it M <= LINEAR_MAX_ROWS).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  const TestSlowdown slowdown(x.is_cpu());
+  TORCH_CHECK(x.dim() == 2, "x must be a 2-D tensor (rows, in_features) (got ", x.dim(),
+              "-D shape ", shape_str(x), ")");
+  TORCH_CHECK(weight.dim() == 2, "weight must be a 2-D tensor (out_features, in_features) (got ",
+              weight.dim(), "-D shape ", shape_str(weight), ")");
+  TORCH_CHECK(x.size(1) == weight.size(1), "x must have ", weight.size(1),
+              " features to match weight (got ", x.size(1), ")");
+  check_same_device(weight, "weight", x, "x");
+  TORCH_CHECK(x.is_cpu(), "linear runs CPU tensors (got ", x.device(), ")");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "linear runs float32 tensors (got x ", x.scalar_type(), ", weight ",
+              weight.scalar_type(), ")");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
+                weight.size(0), ",) (got ", shape_str(*bias), ")");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32 (got ",
+                bias->scalar_type(), ")");
+    check_same_device(*bias, "bias", x, "x");
+  }
+  return cpu::linear(x, weight, bias);
+}
+
 std::tuple<at::Tensor, at::Tensor> relu_pool_backward(
     const at::Tensor& grad_y, const at::Tensor& mask, const std::optional<at::Tensor>& grad_a,
     const std::optional<at::Tensor>& act, const at::Tensor& scale, bool pool,
@@ -343,6 +369,7 @@ TORCH_LIBRARY(vgg_kernels, m) {
         "bool pool, bool activation, bool codes) -> (Tensor y, Tensor activation, Tensor codes)");
   m.def("conv_dgrad(Tensor grad, Tensor weight) -> Tensor");
   m.def("conv_wgrad(Tensor grad, Tensor x) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("relu_pool_backward(Tensor grad_y, Tensor mask, Tensor? grad_a, Tensor? act, "
         "Tensor scale, bool pool, int[] shape) -> (Tensor grad_pre, Tensor grad_shift)");
   m.def("build_info() -> str", &vgg_kernels::build_info);
@@ -359,6 +386,7 @@ TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {
   m.impl("conv_dgrad", &vgg_kernels::conv_dgrad);
   m.impl("conv_wgrad", &vgg_kernels::conv_wgrad);
   m.impl("relu_pool_backward", &vgg_kernels::relu_pool_backward);
+  m.impl("linear", &vgg_kernels::linear);
 }
 
 #ifdef VGG_KERNELS_WITH_CUDA

@@ -62,9 +62,10 @@ def test_module_tree_is_torchvisions(name):
     names_theirs = {n: type(m) for n, m in theirs.named_modules() if n}
     assert names_ours.keys() == names_theirs.keys()
     for n, kind in names_theirs.items():
-        if n != "features":  # ours is a FusedSequential, an nn.Sequential subclass
+        if n not in ("features", "classifier"):  # ours are FusedSequential (nn.Sequential)
             assert names_ours[n] is kind, n
     assert isinstance(ours.features, nn.Sequential)
+    assert isinstance(ours.classifier, nn.Sequential)
     for i, module in enumerate(theirs.features):
         assert repr(ours.features[i]) == repr(module), i
 

@@ -395,6 +395,8 @@ def _opcheck_cases(device: torch.device, dtype: torch.dtype):
         "bn_relu_pool": (z, mean, scale, shift, True),
         "bn_relu_backward": (grad_y, z, mean, invstd, scale, shift, True),
         "conv_wgrad": (z, x),
+        "linear": (torch.randn(3, 37, device=device), torch.randn(11, 37, device=device),
+                   torch.randn(11, device=device)),
     }
 
 
@@ -404,7 +406,7 @@ def _opcheck(device: torch.device, dtype: torch.dtype, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["conv_bn_relu_infer", "conv_bn_stats", "bn_relu_pool",
-                                  "bn_relu_backward", "conv_wgrad"])
+                                  "bn_relu_backward", "conv_wgrad", "linear"])
 def test_cpu_ops_pass_opcheck(name, native_cpu):
     """torch.library.opcheck: outputs alias neither inputs nor each other, as the schemas say;
     the fake kernels give the real outputs' shapes, dtypes and strides; AOT dispatch traces."""

@@ -341,6 +341,20 @@ def execute_run(run: Run, x: torch.Tensor, backend: str, chain: list | None = No
     return (y, activation) if want_activation else y
 
 
+def linear_fits(m: nn.Module) -> bool:
+    """Whether ``m`` is a plain ``nn.Linear`` whose call ``run_modules`` may replace by
+    ``ops.linear`` (hooks are honoured by the module's own call)."""
+    return type(m) is nn.Linear and not _hook_kinds(m)
+
+
+def _call_module(m: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``m(x)``; a plain hook-free ``nn.Linear`` runs ``ops.linear`` (the native small-batch
+    kernel on a CPU, else ``F.linear``), reading its parameters as its own forward would."""
+    if linear_fits(m):
+        return ops.linear(x, m.weight, m.bias, backend=backend)
+    return m(x)
+
+
 def run_modules(modules: Sequence[nn.Module], x: torch.Tensor, backend: str,
                 taps: dict[int, str] | None = None,
                 plan: list[Run | int] | None = None
@@ -372,7 +386,7 @@ def run_modules(modules: Sequence[nn.Module], x: torch.Tensor, backend: str,
     chain: list = [None]  # the last training block's recipe (see run_block)
     for step in plan:
         if isinstance(step, int):
-            x = modules[step](x)
+            x = _call_module(modules[step], x, backend)
             if step in taps:
                 tap(step, x)
             continue
@@ -421,7 +435,9 @@ def fused_chain(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
 class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` of plain torch modules (``Conv2d``, ``BatchNorm2d``, ``ReLU``,
     ``MaxPool2d``, anything else) that runs every conv -> [BN] -> ReLU [-> MaxPool2d(2)] it
-    holds as one fused block (``find_runs``), and every other module as itself.
+    holds as one fused block (``find_runs``), every hook-free ``nn.Linear`` through
+    ``ops.linear`` (on a CPU at batch 1 to 8, a kernel that reads the weight once), and every
+    other module as itself.
 
     The modules, their names, indices, parameters, buffers and state_dict are exactly those of
     the ``nn.Sequential`` it replaces (``vgg_kernels.fuse`` turns an ``nn.Sequential`` into

@@ -369,6 +369,31 @@ std::optional<at::Tensor> conv_wgrad(const at::Tensor& grad_in, const at::Tensor
   return dw;
 }
 
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& weight_in,
+                  const std::optional<at::Tensor>& bias_in) {
+  const KernelTable& table = kernel_table();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  LinearArgs a;
+  a.m = x.size(0);
+  a.in = x.size(1);
+  a.out = weight.size(0);
+  a.x = x.data_ptr<float>();
+  a.ldx = a.in;
+  a.w = weight.data_ptr<float>();
+  a.ldw = a.in;
+  a.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr<float>();
+  a.ldy = a.out;
+  if (a.m == 0 || a.out == 0) return y;
+  at::parallel_for(0, ceil_div(a.out, 2), 8, [&](int64_t begin, int64_t end) {
+    table.linear_rows(a, 2 * begin, std::min(a.out, 2 * end));
+  });
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k = weight.size(0);

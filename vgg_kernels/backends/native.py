@@ -207,6 +207,11 @@ def _fake_conv_wgrad(grad, x):
     return grad.new_empty((grad.shape[1], x.shape[1], 3, 3), dtype=torch.float32)
 
 
+def _fake_linear(x, weight, bias):
+    _check_devices("x", {"x": x, "weight": weight, "bias": bias})
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
 def _register_fakes() -> None:
     global _fakes_registered
     if _fakes_registered:
@@ -219,6 +224,7 @@ def _register_fakes() -> None:
                      ("conv_bn_relu_infer_outputs", _fake_conv_bn_relu_infer_outputs),
                      ("conv_dgrad", _fake_conv_dgrad),
                      ("conv_wgrad", _fake_conv_wgrad),
+                     ("linear", _fake_linear),
                      ("relu_pool_backward", _fake_relu_pool_backward)):
         torch.library.register_fake(f"vgg_kernels::{name}")(fn)
 

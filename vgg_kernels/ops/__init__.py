@@ -31,6 +31,7 @@ __all__ = [
     "conv_bn_relu_infer",
     "conv_bn_relu_train",
     "conv_bn_relu",
+    "linear",
     "check_conv_inputs",
     "check_infer_inputs",
     "TrainRecipe",
@@ -628,3 +629,87 @@ def conv_bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     scale, shift = fold_bn(bias, running_mean, running_var, bn_weight, bn_bias, eps,
                            weight.shape[0], x.device)
     return conv_bn_relu_infer(x, weight, scale, shift, pool=pool, backend=backend)
+
+
+# -- small-batch linear layers --------------------------------------------------------------------
+
+# The most rows of x the native linear kernel takes: it reads each weight element once for all
+# rows, where MKL/oneDNN's GEMM packs the weight first; past 8 rows that GEMM catches up
+# (python benchmarks/bench_linear.py on a 2-core Zen 4, VGG's 25088 -> 4096 layer, ms torch /
+# native over two runs: 1 row 15.7-15.9 / 7.2-13.0, 4 rows 42-48 / 16-17, 8 rows 32-34 /
+# 20-22, 16 rows 41-47 / 42-56).
+LINEAR_MAX_ROWS = 8
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    return torch.ops.vgg_kernels.linear(x, weight, bias)
+
+
+class _Linear(torch.autograd.Function):
+    """The native forward with ``F.linear``'s backward by PyTorch ops."""
+
+    @staticmethod
+    def forward(x, weight, bias):  # type: ignore[override]
+        return _native_linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = inputs[2] is not None
+
+    @staticmethod
+    @_first_order_only("linear")
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def linear_runs_native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       backend: str = "auto") -> bool:
+    """Whether ``linear`` runs the native kernel on these inputs: a CPU float32 2-D ``x`` of
+    1 to ``LINEAR_MAX_ROWS`` rows, a contiguous float32 weight of matching width, ``backend``
+    'auto' (without VGG_KERNELS_BACKEND naming another) or 'native', the extension loaded, and
+    no tracer, compiler, torch.func transform or forward-mode AD looking on."""
+    from vgg_kernels.backends import _candidates, native
+
+    if not (_plain(x) and _plain(weight) and _plain(bias)):
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
+                             or bias.shape != weight.shape[:1]):
+        return False
+    if x.dim() != 2 or not 1 <= x.shape[0] <= LINEAR_MAX_ROWS or weight.dim() != 2:
+        return False
+    if x.shape[1] != weight.shape[1] or not weight.is_contiguous():
+        return False
+    if _candidates(backend, "cpu")[0] != "native" or native._load() is not None:
+        return False
+    if torch.compiler.is_compiling() or _under_functorch():
+        return False
+    return not forward_mode_ad(x, weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: on the native CPU kernel where ``linear_runs_native``
+    (a classifier at small batch: each weight element read once for all rows), else
+    ``F.linear`` itself. Differentiable (the backward is PyTorch's)."""
+    check_backend_name(backend)
+    if not linear_runs_native(x, weight, bias, backend):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias)
+    return _native_linear(x, weight, bias)
