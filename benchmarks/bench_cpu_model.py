@@ -12,6 +12,8 @@ other processes hits all alike):
     eager_cl        the same in channels_last
     eager_folded    BN folded into the conv by hand (torch.nn.utils.fusion), NCHW (eval only)
     fused           FusedVGG.from_torchvision(model) on backend 'auto' (native on the CPU)
+    fused_frozen    the same after vgg_kernels.freeze (its own copy): the packed conv weights
+                    kept across calls (eval only)
     fused_fold_cached  the same model with each block's BN fold (its K scales and shifts,
                     computed afresh on every call) memoized instead: what a fold cache would
                     save (eval only; the ratio fused_fold_cached / fused is the fold's cost)
@@ -46,6 +48,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import vgg_kernels  # noqa: E402
 from vgg_kernels import FusedVGG  # noqa: E402
 from vgg_kernels.backends import native, resolve_backend  # noqa: E402
 
@@ -221,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             {"eager": (eager, x), "eager_cl": (eager_cl, x_cl), "fused": (fused, x)}, x)
     else:
         folded = _fold_bn(eager)
+        frozen = vgg_kernels.freeze(FusedVGG.from_torchvision(eager).eval())
         variants = {
             "eager": lambda: eager(x),
             "eager_cl": lambda: eager_cl(x_cl),
             "eager_folded": lambda: folded(x),
             "fused": lambda: fused(x),
+            "fused_frozen": lambda: frozen(x),
             "fused_fold_cached": _with_fold_cache(lambda: fused(x)),
         }
         with torch.no_grad():
@@ -291,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         error = "n/a" if errors[name] is None else f"{errors[name]:.1e}"
         print(f"{name:<18}{s['median_s']:>10.4f}{s['p20_s']:>9.4f}{s['p80_s']:>9.4f}"
               f"{stats['eager']['median_s'] / s['median_s']:>9.2f}{error:>10}")
+    if "fused_frozen" in stats:
+        print(f"vgg_kernels.freeze: fused / fused_frozen = "
+              f"{1 / ratios['fused_frozen_over_fused']:.3f}")
     if "fused_fold_cached" in stats:
         print(f"BN fold on every call: fused_fold_cached / fused = "
               f"{ratios['fused_fold_cached_over_fused']:.3f}")

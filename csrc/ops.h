@@ -40,6 +40,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, bool pool, bool activation, bool codes);
 at::Tensor conv_dgrad(const at::Tensor& grad, const at::Tensor& weight);
+// Packed weights kept across calls (vgg_kernels.freeze): the layout the inference block would
+// pack `weight` in for `x`, the weight packed in a layout (nullopt: a packed value is not
+// finite), and the inference block on a packed weight.
+int64_t conv_weight_layout(const at::Tensor& x, const at::Tensor& weight, bool pool);
+std::optional<at::Tensor> pack_conv_weight(const at::Tensor& weight, int64_t layout);
+at::Tensor conv_bn_relu_infer_packed(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& packed, int64_t layout,
+                                     const at::Tensor& scale, const at::Tensor& shift,
+                                     bool pool);
 // The weight gradient (K, C, 3, 3) fp32 of a 3x3 conv (stride 1, padding 1) from its input x
 // and output gradient grad, by Winograd F(3x3, 2x2); nullopt when a transform meets a
 // non-finite value (the caller then runs another algorithm, which carries it as PyTorch does).

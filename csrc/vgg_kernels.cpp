@@ -139,6 +139,48 @@ at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
   return cpu::conv_bn_relu_infer(x, weight, scale, shift, pool);
 }
 
+// The layout (kernel variant and algorithm) the CPU inference block would pack `weight` in for
+// input `x`: a key for packed weights kept across calls (vgg_kernels.freeze).
+int64_t conv_weight_layout(const at::Tensor& x, const at::Tensor& weight, bool pool) {
+  check_conv(x, weight);
+  TORCH_CHECK(x.is_cpu(), "conv_weight_layout runs CPU tensors (got ", x.device(), ")");
+  return cpu::conv_weight_layout(x, weight, pool);
+}
+
+// `weight` packed in `layout` (1-D fp32), or an empty tensor when a packed value is not finite
+// (Winograd's transform of an infinite weight): such a weight is packed on every call instead.
+at::Tensor pack_conv_weight(const at::Tensor& weight, int64_t layout) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) &&
+                  (weight.size(2) == 1 || weight.size(2) == 3),
+              "weight must be a (K, C, 3, 3) or (K, C, 1, 1) tensor (got shape ",
+              shape_str(weight), ")");
+  TORCH_CHECK(weight.is_cpu() && weight.scalar_type() == at::kFloat,
+              "weight must be a float32 CPU tensor (got ", weight.scalar_type(), " on ",
+              weight.device(), ")");
+  std::optional<at::Tensor> packed = cpu::pack_conv_weight(weight, layout);
+  return packed.has_value() ? *packed : at::empty({0}, weight.options());
+}
+
+// conv_bn_relu_infer on the CPU with `weight` already packed in `layout` (pack_conv_weight);
+// where this call chooses another layout, or the input is not finite, it packs as usual.
+at::Tensor conv_bn_relu_infer_packed(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& packed, int64_t layout,
+                                     const at::Tensor& scale, const at::Tensor& shift,
+                                     bool pool) {
+  const TestSlowdown slowdown(x.is_cpu());
+  check_conv(x, weight);
+  const int64_t k = weight.size(0);
+  check_channel_vector(scale, "scale", k, x, "x");
+  check_channel_vector(shift, "shift", k, x, "x");
+  check_pool_size(x, "x", pool);
+  TORCH_CHECK(x.is_cpu(), "conv_bn_relu_infer_packed runs CPU tensors (got ", x.device(), ")");
+  TORCH_CHECK(packed.dim() == 1 && packed.is_cpu() && packed.scalar_type() == at::kFloat &&
+                  packed.is_contiguous(),
+              "packed must be a contiguous 1-D float32 CPU tensor from pack_conv_weight");
+  if (x.numel() == 0) return empty_channels_last(output_shape(x, k, pool), x);
+  return cpu::conv_bn_relu_infer_packed(x, weight, packed, layout, scale, shift, pool);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const TestSlowdown slowdown(x.is_cpu());
@@ -367,6 +409,10 @@ TORCH_LIBRARY(vgg_kernels, m) {
         "-> (Tensor grad_z, Tensor grad_gamma, Tensor grad_beta, Tensor grad_bias)");
   m.def("conv_bn_relu_infer_outputs(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
         "bool pool, bool activation, bool codes) -> (Tensor y, Tensor activation, Tensor codes)");
+  m.def("conv_weight_layout(Tensor x, Tensor weight, bool pool) -> int");
+  m.def("pack_conv_weight(Tensor weight, int layout) -> Tensor");
+  m.def("conv_bn_relu_infer_packed(Tensor x, Tensor weight, Tensor packed, int layout, "
+        "Tensor scale, Tensor shift, bool pool) -> Tensor");
   m.def("conv_dgrad(Tensor grad, Tensor weight) -> Tensor");
   m.def("conv_wgrad(Tensor grad, Tensor x) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -383,6 +429,9 @@ TORCH_LIBRARY_IMPL(vgg_kernels, CPU, m) {
   m.impl("bn_relu_pool", &vgg_kernels::bn_relu_pool);
   m.impl("bn_relu_backward", &vgg_kernels::bn_relu_backward);
   m.impl("conv_bn_relu_infer_outputs", &vgg_kernels::conv_bn_relu_infer_outputs);
+  m.impl("conv_weight_layout", &vgg_kernels::conv_weight_layout);
+  m.impl("pack_conv_weight", &vgg_kernels::pack_conv_weight);
+  m.impl("conv_bn_relu_infer_packed", &vgg_kernels::conv_bn_relu_infer_packed);
   m.impl("conv_dgrad", &vgg_kernels::conv_dgrad);
   m.impl("conv_wgrad", &vgg_kernels::conv_wgrad);
   m.impl("relu_pool_backward", &vgg_kernels::relu_pool_backward);

@@ -397,16 +397,26 @@ def _opcheck_cases(device: torch.device, dtype: torch.dtype):
         "conv_wgrad": (z, x),
         "linear": (torch.randn(3, 37, device=device), torch.randn(11, 37, device=device),
                    torch.randn(11, device=device)),
+        "conv_bn_relu_infer_packed": lambda: (x, weight, *_packed(x, weight, True), scale,
+                                              shift, True),
     }
+
+
+def _packed(x, weight, pool):
+    layout = torch.ops.vgg_kernels.conv_weight_layout(x, weight, pool)
+    return torch.ops.vgg_kernels.pack_conv_weight(weight, layout), layout
 
 
 def _opcheck(device: torch.device, dtype: torch.dtype, name: str) -> None:
     args = _opcheck_cases(device, dtype)[name]
+    if callable(args):
+        args = args()
     torch.library.opcheck(getattr(torch.ops.vgg_kernels, name).default, args)
 
 
 @pytest.mark.parametrize("name", ["conv_bn_relu_infer", "conv_bn_stats", "bn_relu_pool",
-                                  "bn_relu_backward", "conv_wgrad", "linear"])
+                                  "bn_relu_backward", "conv_wgrad", "linear",
+                                  "conv_bn_relu_infer_packed"])
 def test_cpu_ops_pass_opcheck(name, native_cpu):
     """torch.library.opcheck: outputs alias neither inputs nor each other, as the schemas say;
     the fake kernels give the real outputs' shapes, dtypes and strides; AOT dispatch traces."""

@@ -2,7 +2,7 @@
 
 from vgg_kernels import ops
 from vgg_kernels.backends import BACKEND_ENV, BackendFallbackWarning, available_backends
-from vgg_kernels.fusion import FusionReport, fuse, fusion_report
+from vgg_kernels.fusion import FusionReport, freeze, fuse, fusion_report, unfreeze
 from vgg_kernels.layers import FusedConvBNReLU, FusedSequential
 from vgg_kernels.models import CONFIGS, FusedVGG, VGGFeatures, make_eager_vgg
 
@@ -18,9 +18,11 @@ __all__ = [
     "FusionReport",
     "VGGFeatures",
     "available_backends",
+    "freeze",
     "fuse",
     "fusion_report",
     "make_eager_vgg",
     "ops",
+    "unfreeze",
     "__version__",
 ]

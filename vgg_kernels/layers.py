@@ -23,6 +23,10 @@ from vgg_kernels import ops
 from vgg_kernels.backends import check_backend_name
 from vgg_kernels.checks import check_module_input
 
+# On a conv that vgg_kernels.freeze froze, in its __dict__ (not a registered attribute: the
+# state_dict is unchanged): its backends.native.PackedWeights.
+PACKED = "_vgg_kernels_packed"
+
 # -- what the kernels compute ---------------------------------------------------------------------
 
 BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -167,8 +171,9 @@ def run_block(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, pool: bool, x: torch.T
         scale, shift = _fold(conv, bn, weight.device)
         if chain is not None:
             chain[0] = None
+        packed = conv.__dict__.get(PACKED) if type(weight) is nn.Parameter else None
         return ops.conv_bn_relu_infer(x, weight, scale, shift, pool=pool, backend=backend,
-                                      activation=activation)
+                                      activation=activation, packed=packed)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     counted = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
     if counted and bn.momentum is None:  # cumulative moving average, this batch included

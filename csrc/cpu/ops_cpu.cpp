@@ -130,15 +130,24 @@ struct PreparedConv {
   Algorithm algorithm;
   bool weights_finite;  // false: a Winograd-transformed weight is not finite (run direct)
   const KernelTable* table;
-  at::Tensor x, weight, scale, shift;  // keep the buffers the args point into alive
+  at::Tensor x, weight, scale, shift, packed;  // keep the buffers the args point into alive
 };
+
+// The packed weight's layout: which kernel table (instruction set) and algorithm packed it.
+int64_t layout_of(const KernelTable* table, Algorithm algorithm) {
+  const int64_t isa = table == kernels_avx512() ? 2 : table == kernels_avx2() ? 1 : 0;
+  return isa * 4 + static_cast<int64_t>(algorithm);
+}
 
 // `winograd`: whether choose_algorithm may pick a Winograd algorithm (false: direct).
 // `dgrad`: convolve with the weight transposed (its input channels as outputs) and flipped in
 // space, the conv whose output is the input gradient of a conv with `weight_in` (the packers
 // read it through negative strides: no copy).
+// `prepacked` (defined): the weight already packed in layout `prepacked_layout` (pack_weight);
+// used when that is the layout this call chooses, else the weight is packed as usual.
 PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, bool pool,
-                          Epilogue epilogue, bool winograd = true, bool dgrad = false) {
+                          Epilogue epilogue, bool winograd = true, bool dgrad = false,
+                          const at::Tensor& prepacked = {}, int64_t prepacked_layout = -1) {
   PreparedConv prep;
   prep.table = &kernel_table();
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -180,6 +189,13 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
   prep.plan = prep.algorithm == Algorithm::kWinograd4 ? prep.table->plan_winograd4(a)
               : transformed                            ? prep.table->plan_winograd(a)
                                                        : prep.table->plan_direct(a);
+  if (prepacked.defined() && !dgrad && prepacked_layout == layout_of(prep.table, prep.algorithm) &&
+      prepacked.numel() == prep.plan.packed_floats) {
+    prep.packed = prepacked;
+    prep.weights_finite = true;  // pack_weight packs finite weights only
+    a.packed_weight = prepacked.data_ptr<float>();
+    return prep;
+  }
   // the calling thread's workspace: valid until its next prepare_conv (see run_with_fallback)
   float* packed = packed_workspace(prep.plan.packed_floats);
   // dgrad: tap (r, s) reads the weight's tap (R - 1 - r, R - 1 - s)
@@ -249,8 +265,10 @@ at::Tensor empty_nhwc(int64_t n, int64_t c, int64_t h, int64_t w, const at::Tens
 template <typename Setup>
 void run_with_fallback(const at::Tensor& x, const at::Tensor& weight, bool pool,
                        Epilogue epilogue, double* stats, int64_t stats_doubles,
-                       const Setup& setup, bool dgrad = false) {
-  PreparedConv prep = prepare_conv(x, weight, pool, epilogue, /*winograd=*/true, dgrad);
+                       const Setup& setup, bool dgrad = false, const at::Tensor& prepacked = {},
+                       int64_t prepacked_layout = -1) {
+  PreparedConv prep = prepare_conv(x, weight, pool, epilogue, /*winograd=*/true, dgrad,
+                                   prepacked, prepacked_layout);
   setup(prep);
   if (run_conv(prep, stats) || prep.algorithm == Algorithm::kDirect) return;
   if (stats != nullptr) std::fill(stats, stats + stats_doubles, 0.0);
@@ -270,7 +288,8 @@ namespace {
 at::Tensor run_scale_shift(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                            const at::Tensor& shift, bool pool, Epilogue epilogue,
                            const at::Tensor& activation, const at::Tensor& codes,
-                           bool dgrad = false) {
+                           bool dgrad = false, const at::Tensor& prepacked = {},
+                           int64_t prepacked_layout = -1) {
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
   const int64_t k = dgrad ? weight.size(1) : weight.size(0);
   at::Tensor y = empty_nhwc(n, k, pool ? h / 2 : h, pool ? w / 2 : w, x);
@@ -283,7 +302,7 @@ at::Tensor run_scale_shift(const at::Tensor& x, const at::Tensor& weight, const 
     prep.args.y = y.data_ptr<float>();
     prep.args.activation = activation.defined() ? activation.data_ptr<float>() : nullptr;
     prep.args.codes = codes.defined() ? codes.data_ptr<uint8_t>() : nullptr;
-  }, dgrad);
+  }, dgrad, prepacked, prepacked_layout);
   return y;
 }
 
@@ -292,6 +311,68 @@ at::Tensor run_scale_shift(const at::Tensor& x, const at::Tensor& weight, const 
 at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& scale, const at::Tensor& shift, bool pool) {
   return run_scale_shift(x, weight, scale, shift, pool, Epilogue::kScaleShiftReLU, {}, {});
+}
+
+int64_t conv_weight_layout(const at::Tensor& x, const at::Tensor& weight, bool pool) {
+  ConvArgs a{};
+  a.n = x.size(0);
+  a.c = x.size(1);
+  a.h = x.size(2);
+  a.w = x.size(3);
+  a.k = weight.size(0);
+  a.r = static_cast<int>(weight.size(2));
+  a.pool = pool;
+  a.threads = at::get_num_threads();
+  return layout_of(&kernel_table(), choose_algorithm(a));
+}
+
+std::optional<at::Tensor> pack_conv_weight(const at::Tensor& weight_in, int64_t layout) {
+  const KernelTable* table = &kernel_table();
+  const int64_t algorithm = layout % 4;
+  TORCH_CHECK(layout >= 0 && algorithm <= 2 &&
+                  layout == layout_of(table, static_cast<Algorithm>(algorithm)),
+              "layout ", layout, " is not a layout of the ", table->isa,
+              " kernels this process runs (see conv_weight_layout)");
+  const at::Tensor weight = weight_in.to(at::kFloat);
+  ConvArgs a{};
+  a.c = weight.size(1);
+  a.k = weight.size(0);
+  a.r = static_cast<int>(weight.size(2));
+  a.stride_wk = weight.stride(0);
+  a.stride_wc = weight.stride(1);
+  a.stride_wr = weight.stride(2);
+  a.stride_ws = weight.stride(3);
+  a.n = 1;
+  a.h = a.w = 4;
+  a.out_h = a.out_w = 4;
+  a.threads = at::get_num_threads();
+  const auto kind = static_cast<Algorithm>(algorithm);
+  const ConvPlan plan = kind == Algorithm::kWinograd4   ? table->plan_winograd4(a)
+                        : kind == Algorithm::kWinograd2 ? table->plan_winograd(a)
+                                                        : table->plan_direct(a);
+  at::Tensor packed = at::empty({plan.packed_floats}, weight.options());
+  float* out = packed.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, plan.panels, 1, [&](int64_t begin, int64_t end) {
+    if (kind == Algorithm::kWinograd4) {
+      if (!table->pack_winograd4(a, w, out, begin, end)) finite = false;
+    } else if (kind == Algorithm::kWinograd2) {
+      if (!table->pack_winograd(a, w, out, begin, end)) finite = false;
+    } else {
+      table->pack_direct(a, w, out, begin, end);
+    }
+  });
+  if (!finite) return std::nullopt;
+  return packed;
+}
+
+at::Tensor conv_bn_relu_infer_packed(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& packed, int64_t layout,
+                                     const at::Tensor& scale, const at::Tensor& shift,
+                                     bool pool) {
+  return run_scale_shift(x, weight, scale, shift, pool, Epilogue::kScaleShiftReLU, {}, {},
+                         /*dgrad=*/false, packed, layout);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(

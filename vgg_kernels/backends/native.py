@@ -212,6 +212,17 @@ def _fake_linear(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
 
 
+def _fake_conv_bn_relu_infer_packed(x, weight, packed, layout, scale, shift, pool):
+    _check_devices("x", {"x": x, "weight": weight, "packed": packed, "scale": scale,
+                         "shift": shift})
+    return _fake_conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+
+def _fake_pack_conv_weight(weight, layout):
+    return weight.new_empty((torch.library.get_ctx().new_dynamic_size(),),
+                            dtype=torch.float32)
+
+
 def _register_fakes() -> None:
     global _fakes_registered
     if _fakes_registered:
@@ -225,8 +236,50 @@ def _register_fakes() -> None:
                      ("conv_dgrad", _fake_conv_dgrad),
                      ("conv_wgrad", _fake_conv_wgrad),
                      ("linear", _fake_linear),
+                     ("conv_bn_relu_infer_packed", _fake_conv_bn_relu_infer_packed),
+                     ("pack_conv_weight", _fake_pack_conv_weight),
                      ("relu_pool_backward", _fake_relu_pool_backward)):
         torch.library.register_fake(f"vgg_kernels::{name}")(fn)
+
+
+class PackedWeights:
+    """One conv weight's packed forms (Winograd-transformed or direct panels), by layout, kept
+    across calls for ``vgg_kernels.freeze``: packed at the first inference call that needs a
+    layout, under a lock (threads' first calls pack once). A change torch tracks (the weight's
+    version counter, as after an optimizer step, ``copy_`` or ``load_state_dict``, or a new
+    storage) drops them; one it does not (``.data``, numpy views, another process) is not
+    seen: that is what ``freeze`` trades for the packing time. Copies and pickles start empty
+    (the layouts are this CPU's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._packed: dict[int, torch.Tensor] = {}
+        self._stamp: tuple | None = None
+
+    def __reduce__(self):
+        return (PackedWeights, ())
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def nbytes(self) -> int:
+        """Bytes held by the packed forms."""
+        return sum(t.numel() * t.element_size() for t in self._packed.values())
+
+    def get(self, x: torch.Tensor, weight: torch.Tensor, pool: bool
+            ) -> tuple[torch.Tensor, int] | None:
+        """(packed, layout) for this call, or None where the packed weight is not finite."""
+        layout = torch.ops.vgg_kernels.conv_weight_layout(x, weight, pool)
+        stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()))
+        with self._lock:
+            if stamp != self._stamp:
+                self._packed.clear()
+                self._stamp = stamp
+            packed = self._packed.get(layout)
+            if packed is None:
+                packed = torch.ops.vgg_kernels.pack_conv_weight(weight, layout)
+                self._packed[layout] = packed
+        return (packed, layout) if packed.numel() else None
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -270,6 +323,20 @@ class NativeBackend(TorchGradients):
     def conv_bn_relu_infer(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                            shift: torch.Tensor, pool: bool) -> torch.Tensor:
         return torch.ops.vgg_kernels.conv_bn_relu_infer(x, weight, scale, shift, pool)
+
+    def conv_bn_relu_infer_packed(self, x: torch.Tensor, weight: torch.Tensor,
+                                  scale: torch.Tensor, shift: torch.Tensor, pool: bool,
+                                  packed: PackedWeights) -> torch.Tensor:
+        """``conv_bn_relu_infer`` on CPU fp32 tensors with the weight's packed form from
+        ``packed`` (see ``PackedWeights``)."""
+        if not self._on_cpu(x, weight) or x.dtype != torch.float32 or (
+                weight.dtype != torch.float32):
+            return self.conv_bn_relu_infer(x, weight, scale, shift, pool)
+        found = packed.get(x, weight, pool)
+        if found is None:
+            return self.conv_bn_relu_infer(x, weight, scale, shift, pool)
+        return torch.ops.vgg_kernels.conv_bn_relu_infer_packed(x, weight, found[0], found[1],
+                                                               scale, shift, pool)
 
     def conv_bn_stats(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

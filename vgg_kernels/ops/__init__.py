@@ -303,7 +303,7 @@ def _empty_output(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        shift: torch.Tensor, *, pool: bool = False, backend: str = "auto",
-                       activation: bool = False):
+                       activation: bool = False, packed=None):
     """Inference block: ``maxpool2x2?(relu(conv(x, weight) * scale + shift))``.
 
     Args:
@@ -314,6 +314,8 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         backend: ``'auto'``, ``'triton'``, ``'native'`` or ``'reference'``.
         activation: with ``pool``, also return the full-resolution ReLU output (a feature tap
             before the pool).
+        packed: a ``backends.native.PackedWeights`` for ``weight`` (``vgg_kernels.freeze``):
+            the native CPU kernels then reuse its packed forms where no gradient is needed.
 
     Returns:
         (N, K, H', W') channels_last tensor in ``x``'s dtype; with ``activation`` and ``pool``
@@ -345,6 +347,9 @@ def conv_bn_relu_infer(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if tapped:
         y, full, _ = impl.conv_bn_relu_infer_outputs(x, weight, scale, shift, True, True, False)
         return y, full
+    if packed is not None and impl.name == "native" and not _under_functorch() and (
+            not torch.compiler.is_compiling()):
+        return impl.conv_bn_relu_infer_packed(x, weight, scale, shift, pool, packed)
     return impl.conv_bn_relu_infer(x, weight, scale, shift, pool)
 
 
