@@ -18,6 +18,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+
 def _pm(*values) -> list[Fraction]:
     return [Fraction(0)] + [s * Fraction(v) for v in values for s in (1, -1)]
 
