@@ -107,6 +107,27 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
+@pytest.fixture
+def native_cpu():
+    """The native backend, or a skip saying why it cannot run CPU float32 here."""
+    from vgg_kernels.backends import native
+
+    reason = native.BACKEND.unavailable_reason(torch.device("cpu"), torch.float32,
+                                               "conv_bn_relu_infer")
+    if reason is not None:
+        pytest.skip(f"the native backend cannot run here: {reason}")
+    return native.BACKEND
+
+
+@pytest.fixture
+def poison_outputs():
+    """at::empty fills new tensors with NaN in deterministic mode: an output element a kernel
+    forgets to write then fails the comparison."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(autouse=True)
 def seed() -> int:
     """Every test starts from a fixed seed; inputs are still fresh random draws."""

@@ -15,16 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vgg_kernels
-from vgg_kernels.backends import native
 from vgg_kernels.layers import PACKED
-
-
-@pytest.fixture
-def native_cpu():
-    reason = native.BACKEND.unavailable_reason(torch.device("cpu"), torch.float32,
-                                               "conv_bn_relu_infer")
-    if reason is not None:
-        pytest.skip(f"the native backend cannot run here: {reason}")
 
 
 def _model() -> nn.Module:

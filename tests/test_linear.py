@@ -14,23 +14,7 @@ from torch import nn
 
 import vgg_kernels
 from vgg_kernels import ops
-from vgg_kernels.backends import native
 from vgg_kernels.layers import FusedSequential
-
-
-@pytest.fixture
-def native_cpu():
-    reason = native.BACKEND.unavailable_reason(torch.device("cpu"), torch.float32,
-                                               "conv_bn_relu_infer")
-    if reason is not None:
-        pytest.skip(f"the native backend cannot run here: {reason}")
-
-
-@pytest.fixture
-def poison_outputs():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
 # rows 1..8 (every register-tile height, both output-pair and single-row tails), input widths

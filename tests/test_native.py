@@ -42,23 +42,6 @@ def _native_reason(device: torch.device = CPU, dtype: torch.dtype = torch.float3
     return native.BACKEND.unavailable_reason(device, dtype, op)
 
 
-@pytest.fixture
-def native_cpu():
-    reason = _native_reason()
-    if reason is not None:
-        pytest.skip(f"the native backend cannot run here: {reason}")
-    return native.BACKEND
-
-
-@pytest.fixture
-def poison_outputs():
-    """at::empty fills new tensors with NaN in deterministic mode: an output element a kernel
-    forgets to write then fails the comparison."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(params=["direct", "winograd", "winograd4"])
 def algorithm(request, monkeypatch):
     monkeypatch.setenv("VGG_KERNELS_CPU_CONV", request.param)
