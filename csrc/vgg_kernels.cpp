@@ -123,14 +123,22 @@ at::Tensor stats_zeros(int64_t k, const at::Tensor& like) {
   return at::zeros({k}, like.options().dtype(at::kFloat));
 }
 
-at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
-                              const at::Tensor& scale, const at::Tensor& shift, bool pool) {
-  const TestSlowdown slowdown(x.is_cpu());
+// The inference block's arguments: the conv's, a scale and shift per output channel, and an
+// input the pool can halve.
+void check_infer(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                 const at::Tensor& shift, bool pool) {
   check_conv(x, weight);
   const int64_t k = weight.size(0);
   check_channel_vector(scale, "scale", k, x, "x");
   check_channel_vector(shift, "shift", k, x, "x");
   check_pool_size(x, "x", pool);
+}
+
+at::Tensor conv_bn_relu_infer(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& scale, const at::Tensor& shift, bool pool) {
+  const TestSlowdown slowdown(x.is_cpu());
+  check_infer(x, weight, scale, shift, pool);
+  const int64_t k = weight.size(0);
   if (x.numel() == 0) return empty_channels_last(output_shape(x, k, pool), x);
 #ifdef VGG_KERNELS_WITH_CUDA
   if (x.is_cuda()) return cuda::conv_bn_relu_infer(x, weight, scale, shift, pool);
@@ -168,11 +176,8 @@ at::Tensor conv_bn_relu_infer_packed(const at::Tensor& x, const at::Tensor& weig
                                      const at::Tensor& scale, const at::Tensor& shift,
                                      bool pool) {
   const TestSlowdown slowdown(x.is_cpu());
-  check_conv(x, weight);
+  check_infer(x, weight, scale, shift, pool);
   const int64_t k = weight.size(0);
-  check_channel_vector(scale, "scale", k, x, "x");
-  check_channel_vector(shift, "shift", k, x, "x");
-  check_pool_size(x, "x", pool);
   TORCH_CHECK(x.is_cpu(), "conv_bn_relu_infer_packed runs CPU tensors (got ", x.device(), ")");
   TORCH_CHECK(packed.dim() == 1 && packed.is_cpu() && packed.scalar_type() == at::kFloat &&
                   packed.is_contiguous(),
@@ -248,11 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_infer_outputs(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, bool pool, bool activation, bool codes) {
   const TestSlowdown slowdown(x.is_cpu());
-  check_conv(x, weight);
-  const int64_t k = weight.size(0);
-  check_channel_vector(scale, "scale", k, x, "x");
-  check_channel_vector(shift, "shift", k, x, "x");
-  check_pool_size(x, "x", pool);
+  check_infer(x, weight, scale, shift, pool);
   TORCH_CHECK(pool || !(activation || codes),
               "activation and codes are outputs of a pooled block (got pool=False)");
   TORCH_CHECK(!activation || (x.size(2) % 2 == 0 && x.size(3) % 2 == 0),

@@ -389,31 +389,19 @@ struct WinogradGeometry {
   int64_t tiles_h, tiles_w, tiles, block_tiles, blocks, chunk_panels, chunks;
 };
 
-inline WinogradGeometry winograd_geometry(const ConvArgs& args) {
-  WinogradGeometry g;
-  g.tiles_h = args.pool ? args.out_h : ceil_div(args.h, 2);
-  g.tiles_w = args.pool ? args.out_w : ceil_div(args.w, 2);
-  g.tiles = args.n * g.tiles_h * g.tiles_w;
-  // Equal blocks of at most kWinogradTiles tiles (a multiple of kRows): 100 tiles make
-  // 36 + 36 + 28, not 48 + 48 + 4. (Keeping VGG16's 64-tile 7x7 layers in one block, so the
-  // 16.8 MB of transformed 512 x 512 weights stream once instead of twice, measured the same.)
-  const int64_t blocks = ceil_div(g.tiles, kWinogradTiles);
-  g.block_tiles = ceil_div(ceil_div(g.tiles, blocks), kRows) * kRows;
-  g.blocks = ceil_div(g.tiles, g.block_tiles);
-  g.chunk_panels = chunk_panels_of(args, g.blocks);
-  g.chunks = ceil_div(panels_of(args), g.chunk_panels);
-  return g;
-}
-
-ConvPlan plan_winograd(const ConvArgs& args) {
-  const WinogradGeometry g = winograd_geometry(args);
-  const int64_t chunk = g.chunk_panels * kPanelWidth;
-  ConvPlan plan;
-  plan.items = g.blocks * g.chunks;
-  plan.scratch_floats = 16 * g.block_tiles * (args.c + chunk) + 3 * chunk;
-  plan.panels = panels_of(args);
-  plan.packed_floats = 16 * plan.panels * args.c * kPanelWidth;
-  return plan;
+// The 3x3 filters of weight panel p for input channels [c0, c0 + cn), per tap: g[cc][tap][j]
+// for output channel p * kPanelWidth + j (zero past k). The Winograd packers transform these.
+inline void gather_filters(const ConvArgs& args, const float* weight, int64_t p, int64_t c0,
+                           int64_t cn, float (&g)[kPackChannels][9][kPanelWidth]) {
+  const int64_t k0 = p * kPanelWidth;
+  for (int64_t j = 0; j < kPanelWidth; ++j) {
+    const bool valid = k0 + j < args.k;
+    for (int tap = 0; tap < 9; ++tap) {
+      for (int64_t cc = 0; cc < cn; ++cc) {
+        g[cc][tap][j] = valid ? weight_at(args, weight, k0 + j, c0 + cc, tap / 3, tap % 3) : 0.0f;
+      }
+    }
+  }
 }
 
 bool pack_winograd(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
@@ -426,18 +414,9 @@ bool pack_winograd(const ConvArgs& args, const float* weight, float* packed, int
   const V half = Vec::bcast(0.5f);
   float g[kPackChannels][9][kPanelWidth];  // the panel's filters for 16 channels, per tap
   for (int64_t p = begin; p < end; ++p) {
-    const int64_t k0 = p * kPanelWidth;
     for (int64_t c0 = 0; c0 < c_total; c0 += kPackChannels) {
       const int64_t cn = std::min(kPackChannels, c_total - c0);
-      for (int64_t j = 0; j < kPanelWidth; ++j) {
-        const bool valid = k0 + j < args.k;
-        for (int tap = 0; tap < 9; ++tap) {
-          for (int64_t cc = 0; cc < cn; ++cc) {
-            g[cc][tap][j] =
-                valid ? weight_at(args, weight, k0 + j, c0 + cc, tap / 3, tap % 3) : 0.0f;
-          }
-        }
-      }
+      gather_filters(args, weight, p, c0, cn, g);
       for (int64_t cc = 0; cc < cn; ++cc) {
         float* out = packed + (p * c_total + c0 + cc) * kPanelWidth;
         for (int64_t j = 0; j < kPanelWidth; j += Vec::kWidth) {
@@ -512,66 +491,6 @@ inline void input_transform_vec(V (&d)[4][4], V (&v)[16]) {
 }
 
 // Transforms tiles [t0, t0 + count) into vt[xi][i][c] (row stride c, xi stride block_tiles * c).
-// Returns whether every transformed value is finite, which holds iff every input value is: an
-// infinity gives +-inf or (Inf - Inf) NaN in some transformed value, never a finite one.
-bool winograd_input(const ConvArgs& args, const WinogradGeometry& g, int64_t t0, int64_t count,
-                    float* vt) {
-  V check = Vec::zero();
-  float check_tail = 0.0f;
-  const int64_t c = args.c;
-  const int64_t xi_stride = g.block_tiles * c;
-  const int64_t cv = c - c % Vec::kWidth;  // channels done with full vectors
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t tj = t % g.tiles_w;
-    const int64_t ti = (t / g.tiles_w) % g.tiles_h;
-    const int64_t n = t / (g.tiles_w * g.tiles_h);
-    const float* rows[4];
-    bool col_ok[4];
-    for (int r = 0; r < 4; ++r) {
-      const int64_t ih = 2 * ti - 1 + r;
-      rows[r] = (ih >= 0 && ih < args.h) ? args.x + ((n * args.h + ih) * args.w) * c : nullptr;
-      const int64_t iw = 2 * tj - 1 + r;
-      col_ok[r] = iw >= 0 && iw < args.w;
-    }
-    const int64_t iw0 = 2 * tj - 1;
-    float* out = vt + i * c;
-    for (int64_t ch = 0; ch < cv; ch += Vec::kWidth) {
-      V d[4][4];
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; ++s) {
-          d[r][s] = (rows[r] != nullptr && col_ok[s])
-                        ? Vec::load(rows[r] + (iw0 + s) * c + ch)
-                        : Vec::zero();
-        }
-      }
-      V v[16];
-      input_transform_vec(d, v);
-#pragma GCC unroll 16
-      for (int xi = 0; xi < 16; ++xi) {
-        Vec::store(out + xi * xi_stride + ch, v[xi]);
-        check = Vec::add(check, v[xi]);
-      }
-    }
-    for (int64_t ch = cv; ch < c; ++ch) {
-      float d[4][4];
-      for (int r = 0; r < 4; ++r) {
-        for (int s = 0; s < 4; ++s) {
-          d[r][s] = (rows[r] != nullptr && col_ok[s]) ? rows[r][(iw0 + s) * c + ch] : 0.0f;
-        }
-      }
-      float v[16];
-      input_transform(d, v);
-      for (int xi = 0; xi < 16; ++xi) {
-        out[xi * xi_stride + ch] = v[xi];
-        check_tail += v[xi];
-      }
-    }
-  }
-  return all_finite(check) && check_tail - check_tail == 0.0f;
-}
 
 // Y = A^T m A: the 2x2 outputs of one tile, one vector of channels.
 inline void output_transform(const V (&m)[16], V (&y)[2][2]) {
@@ -586,88 +505,6 @@ inline void output_transform(const V (&m)[16], V (&y)[2][2]) {
     y[i][0] = vadd(vadd(s[i][0], s[i][1]), s[i][2]);
     y[i][1] = vsub(vsub(s[i][1], s[i][2]), s[i][3]);
   }
-}
-
-bool run_winograd(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
-  const WinogradGeometry g = winograd_geometry(args);
-  // chunk-major: consecutive items (on both threads) share one channel chunk's weights
-  const int64_t chunk = item / g.blocks;
-  const int64_t block = item % g.blocks;
-  const int64_t t0 = block * g.block_tiles;
-  const int64_t count = std::min(g.block_tiles, g.tiles - t0);
-  const int64_t panels = panels_of(args);
-  const int64_t p0 = chunk * g.chunk_panels;
-  const int64_t p1 = std::min(panels, p0 + g.chunk_panels);
-  const int64_t kc = (p1 - p0) * kPanelWidth;
-  const int64_t k0 = p0 * kPanelWidth;
-  const int64_t kvalid = std::min(args.k, p1 * kPanelWidth) - k0;
-  const int64_t c = args.c;
-
-  float* vt = scratch;
-  const int64_t tiles = g.block_tiles;  // scratch row count
-  float* mt = vt + 16 * tiles * c;
-  if (!winograd_input(args, g, t0, count, vt)) return false;  // the glue runs direct instead
-
-  const int64_t tap0 = 0;
-  const int64_t panel_stride = c * kPanelWidth;
-  for (int xi = 0; xi < 16; ++xi) {
-    gemm_rows(vt + xi * tiles * c, count, c, &tap0, 1, c,
-              args.packed_weight + xi * panels * panel_stride, panel_stride, p0, p1,
-              mt + xi * tiles * kc, kc);
-  }
-
-  const bool with_stats = args.epilogue == Epilogue::kBiasStats;
-  ItemStats item_stats(mt + 16 * tiles * kc, kc);
-  const int64_t xi_stride = tiles * kc;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t tj = t % g.tiles_w;
-    const int64_t ti = (t / g.tiles_w) % g.tiles_h;
-    const int64_t n = t / (g.tiles_w * g.tiles_h);
-    const float* m_tile = mt + i * kc;
-    for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
-      const int64_t kg = k0 + kk;
-      const int64_t lanes = kvalid - kk;
-      V m[16];
-#pragma GCC unroll 16
-      for (int xi = 0; xi < 16; ++xi) m[xi] = Vec::load(m_tile + xi * xi_stride + kk);
-      V y[2][2];
-      output_transform(m, y);
-      if (!with_stats && args.pool) {
-        const V a[4] = {bn_relu(y[0][0], args, kg), bn_relu(y[0][1], args, kg),
-                        bn_relu(y[1][0], args, kg), bn_relu(y[1][1], args, kg)};
-        const V best = max4_nan(a[0], a[1], a[2], a[3]);
-        const int64_t pooled = ((n * args.out_h + ti) * args.out_w + tj) * args.k + kg;
-        store_lanes(args.y + pooled, best, lanes);
-        if (args.activation != nullptr || args.codes != nullptr) {
-          const int64_t corner = ((n * args.h + 2 * ti) * args.w + 2 * tj) * args.k + kg;
-          const int64_t full[4] = {corner, corner + args.k, corner + args.w * args.k,
-                                   corner + args.w * args.k + args.k};
-          store_pool_extras(args, a, full, pooled, best, lanes);
-        }
-        continue;
-      }
-      for (int r = 0; r < 2; ++r) {
-        const int64_t oh = 2 * ti + r;
-        if (oh >= args.h) break;
-        for (int s = 0; s < 2; ++s) {
-          const int64_t ow = 2 * tj + s;
-          if (ow >= args.w) break;
-          float* out = args.y + ((n * args.out_h + oh) * args.out_w + ow) * args.k + kg;
-          if (with_stats) {
-            const V z = add_bias(y[r][s], args, kg);
-            store_lanes(out, z, lanes);
-            item_stats.add(kk, z, i == 0 && r == 0 && s == 0);
-            if (kk == 0) ++item_stats.count;
-          } else {
-            store_lanes(out, epilogue(y[r][s], args, kg), lanes);
-          }
-        }
-      }
-    }
-  }
-  if (with_stats) item_stats.flush(args, k0, kvalid, stats);
-  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,30 +603,6 @@ inline void winograd4_output(const V (&m)[36], V (&y)[4][4]) {
   for (int i = 0; i < 4; ++i) winograd4_output_1d(s[i], y[i]);
 }
 
-inline WinogradGeometry winograd4_geometry(const ConvArgs& args) {
-  WinogradGeometry g;
-  g.tiles_h = args.pool ? ceil_div(args.out_h, 2) : ceil_div(args.h, 4);
-  g.tiles_w = args.pool ? ceil_div(args.out_w, 2) : ceil_div(args.w, 4);
-  g.tiles = args.n * g.tiles_h * g.tiles_w;
-  const int64_t blocks = ceil_div(g.tiles, kWinograd4Tiles);
-  g.block_tiles = ceil_div(ceil_div(g.tiles, blocks), kRows) * kRows;
-  g.blocks = ceil_div(g.tiles, g.block_tiles);
-  g.chunk_panels = chunk_panels_of(args, g.blocks);
-  g.chunks = ceil_div(panels_of(args), g.chunk_panels);
-  return g;
-}
-
-ConvPlan plan_winograd4(const ConvArgs& args) {
-  const WinogradGeometry g = winograd4_geometry(args);
-  const int64_t chunk = g.chunk_panels * kPanelWidth;
-  ConvPlan plan;
-  plan.items = g.blocks * g.chunks;
-  plan.scratch_floats = 36 * g.block_tiles * (args.c + chunk) + 3 * chunk;
-  plan.panels = panels_of(args);
-  plan.packed_floats = 36 * plan.panels * args.c * kPanelWidth;
-  return plan;
-}
-
 bool pack_winograd4(const ConvArgs& args, const float* weight, float* packed, int64_t begin,
                     int64_t end) {
   constexpr float kG[6][3] = {
@@ -804,18 +617,9 @@ bool pack_winograd4(const ConvArgs& args, const float* weight, float* packed, in
   const int64_t xi_stride = panels_of(args) * c_total * kPanelWidth;
   float g[kPackChannels][9][kPanelWidth];  // the panel's filters for 16 channels, per tap
   for (int64_t p = begin; p < end; ++p) {
-    const int64_t k0 = p * kPanelWidth;
     for (int64_t c0 = 0; c0 < c_total; c0 += kPackChannels) {
       const int64_t cn = std::min(kPackChannels, c_total - c0);
-      for (int64_t j = 0; j < kPanelWidth; ++j) {
-        const bool valid = k0 + j < args.k;
-        for (int tap = 0; tap < 9; ++tap) {
-          for (int64_t cc = 0; cc < cn; ++cc) {
-            g[cc][tap][j] =
-                valid ? weight_at(args, weight, k0 + j, c0 + cc, tap / 3, tap % 3) : 0.0f;
-          }
-        }
-      }
+      gather_filters(args, weight, p, c0, cn, g);
       for (int64_t cc = 0; cc < cn; ++cc) {
         float* out = packed + (p * c_total + c0 + cc) * kPanelWidth;
         for (int64_t j = 0; j < kPanelWidth; j += Vec::kWidth) {
@@ -843,59 +647,112 @@ bool pack_winograd4(const ConvArgs& args, const float* weight, float* packed, in
   return all_finite(check);
 }
 
-// Transforms tiles [t0, t0 + count) into vt[xi][i][c] (row stride c, xi stride block_tiles * c);
-// whether every transformed value is finite (see winograd_input).
-bool winograd4_input_tiles(const ConvArgs& args, const WinogradGeometry& g, int64_t t0,
-                           int64_t count, float* vt) {
+// ---------------------------------------------------------------------------------------------
+// Both Winograd algorithms, by output tile M (2: F(2x2, 3x3); 4: F(4x4, 3x3)): an (M + 2)^2
+// input tile gives an M x M output block, (M / 2)^2 whole 2x2 pooling windows. Tile (ti, tj)
+// produces output rows M ti .. M ti + M - 1 from input rows M ti - 1 .. M ti + M (zero
+// outside); with pool the tile grid covers the pooled grid (floor semantics: a trailing odd
+// row/column is never computed), and outputs past it, or past h and w, are dropped.
+
+template <int M>
+constexpr int kTileIn = M + 2;
+template <int M>
+constexpr int kTerms = (M + 2) * (M + 2);  // transformed values (GEMMs) per tile
+
+template <int M>
+inline WinogradGeometry winograd_geometry(const ConvArgs& args) {
+  WinogradGeometry g;
+  g.tiles_h = args.pool ? ceil_div(args.out_h, M / 2) : ceil_div(args.h, M);
+  g.tiles_w = args.pool ? ceil_div(args.out_w, M / 2) : ceil_div(args.w, M);
+  g.tiles = args.n * g.tiles_h * g.tiles_w;
+  // Equal blocks of at most kWinogradTiles (kWinograd4Tiles) tiles, a multiple of kRows: 100
+  // tiles make 36 + 36 + 28, not 48 + 48 + 4. (Keeping VGG16's 64-tile 7x7 layers in one
+  // block, so the 16.8 MB of transformed 512 x 512 weights stream once instead of twice,
+  // measured the same.)
+  const int64_t blocks = ceil_div(g.tiles, M == 2 ? kWinogradTiles : kWinograd4Tiles);
+  g.block_tiles = ceil_div(ceil_div(g.tiles, blocks), kRows) * kRows;
+  g.blocks = ceil_div(g.tiles, g.block_tiles);
+  g.chunk_panels = chunk_panels_of(args, g.blocks);
+  g.chunks = ceil_div(panels_of(args), g.chunk_panels);
+  return g;
+}
+
+template <int M>
+ConvPlan plan_winograd_tiles(const ConvArgs& args) {
+  const WinogradGeometry g = winograd_geometry<M>(args);
+  const int64_t chunk = g.chunk_panels * kPanelWidth;
+  ConvPlan plan;
+  plan.items = g.blocks * g.chunks;
+  plan.scratch_floats = kTerms<M> * g.block_tiles * (args.c + chunk) + 3 * chunk;
+  plan.panels = panels_of(args);
+  plan.packed_floats = kTerms<M> * plan.panels * args.c * kPanelWidth;
+  return plan;
+}
+
+// Transforms tiles [t0, t0 + count) into vt[xi][i][c] (row stride c, xi stride block_tiles * c).
+// Returns whether every transformed value is finite, which holds iff every input value is: an
+// infinity gives +-inf or (Inf - Inf) NaN in some transformed value, never a finite one.
+template <int M>
+bool winograd_input_tiles(const ConvArgs& args, const WinogradGeometry& g, int64_t t0,
+                          int64_t count, float* vt) {
+  constexpr int kIn = kTileIn<M>;
   V check = Vec::zero();
   float check_tail = 0.0f;
   const int64_t c = args.c;
   const int64_t xi_stride = g.block_tiles * c;
-  const int64_t cv = c - c % Vec::kWidth;
+  const int64_t cv = c - c % Vec::kWidth;  // channels done with full vectors
   for (int64_t i = 0; i < count; ++i) {
     const int64_t t = t0 + i;
     const int64_t tj = t % g.tiles_w;
     const int64_t ti = (t / g.tiles_w) % g.tiles_h;
     const int64_t n = t / (g.tiles_w * g.tiles_h);
-    const float* rows[6];
-    bool col_ok[6];
-    for (int r = 0; r < 6; ++r) {
-      const int64_t ih = 4 * ti - 1 + r;
+    const float* rows[kIn];
+    bool col_ok[kIn];
+    for (int r = 0; r < kIn; ++r) {
+      const int64_t ih = M * ti - 1 + r;
       rows[r] = (ih >= 0 && ih < args.h) ? args.x + ((n * args.h + ih) * args.w) * c : nullptr;
-      const int64_t iw = 4 * tj - 1 + r;
+      const int64_t iw = M * tj - 1 + r;
       col_ok[r] = iw >= 0 && iw < args.w;
     }
-    const int64_t iw0 = 4 * tj - 1;
+    const int64_t iw0 = M * tj - 1;
     float* out = vt + i * c;
     for (int64_t ch = 0; ch < cv; ch += Vec::kWidth) {
-      V d[6][6];
+      V d[kIn][kIn];
 #pragma GCC unroll 6
-      for (int r = 0; r < 6; ++r) {
+      for (int r = 0; r < kIn; ++r) {
 #pragma GCC unroll 6
-        for (int s = 0; s < 6; ++s) {
+        for (int s = 0; s < kIn; ++s) {
           d[r][s] = (rows[r] != nullptr && col_ok[s])
                         ? Vec::load(rows[r] + (iw0 + s) * c + ch)
                         : Vec::zero();
         }
       }
-      V v[36];
-      winograd4_input(d, v);
+      V v[kTerms<M>];
+      if constexpr (M == 2) {
+        input_transform_vec(d, v);
+      } else {
+        winograd4_input(d, v);
+      }
 #pragma GCC unroll 36
-      for (int xi = 0; xi < 36; ++xi) {
+      for (int xi = 0; xi < kTerms<M>; ++xi) {
         Vec::store(out + xi * xi_stride + ch, v[xi]);
         check = Vec::add(check, v[xi]);
       }
     }
     for (int64_t ch = cv; ch < c; ++ch) {
-      float d[6][6];
-      for (int r = 0; r < 6; ++r) {
-        for (int s = 0; s < 6; ++s) {
+      float d[kIn][kIn];
+      for (int r = 0; r < kIn; ++r) {
+        for (int s = 0; s < kIn; ++s) {
           d[r][s] = (rows[r] != nullptr && col_ok[s]) ? rows[r][(iw0 + s) * c + ch] : 0.0f;
         }
       }
-      float v[36];
-      winograd4_input(d, v);
-      for (int xi = 0; xi < 36; ++xi) {
+      float v[kTerms<M>];
+      if constexpr (M == 2) {
+        input_transform(d, v);
+      } else {
+        winograd4_input(d, v);
+      }
+      for (int xi = 0; xi < kTerms<M>; ++xi) {
         out[xi * xi_stride + ch] = v[xi];
         check_tail += v[xi];
       }
@@ -904,8 +761,10 @@ bool winograd4_input_tiles(const ConvArgs& args, const WinogradGeometry& g, int6
   return all_finite(check) && check_tail - check_tail == 0.0f;
 }
 
-bool run_winograd4(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
-  const WinogradGeometry g = winograd4_geometry(args);
+template <int M>
+bool run_winograd_tiles(const ConvArgs& args, int64_t item, float* scratch, double* stats) {
+  constexpr int kXi = kTerms<M>;
+  const WinogradGeometry g = winograd_geometry<M>(args);
   // chunk-major: consecutive items (on both threads) share one channel chunk's weights
   const int64_t chunk = item / g.blocks;
   const int64_t block = item % g.blocks;
@@ -921,19 +780,19 @@ bool run_winograd4(const ConvArgs& args, int64_t item, float* scratch, double* s
 
   float* vt = scratch;
   const int64_t tiles = g.block_tiles;  // scratch row count
-  float* mt = vt + 36 * tiles * c;
-  if (!winograd4_input_tiles(args, g, t0, count, vt)) return false;  // the glue runs direct
+  float* mt = vt + kXi * tiles * c;
+  if (!winograd_input_tiles<M>(args, g, t0, count, vt)) return false;  // the glue runs direct
 
   const int64_t tap0 = 0;
   const int64_t panel_stride = c * kPanelWidth;
-  for (int xi = 0; xi < 36; ++xi) {
+  for (int xi = 0; xi < kXi; ++xi) {
     gemm_rows(vt + xi * tiles * c, count, c, &tap0, 1, c,
               args.packed_weight + xi * panels * panel_stride, panel_stride, p0, p1,
               mt + xi * tiles * kc, kc);
   }
 
   const bool with_stats = args.epilogue == Epilogue::kBiasStats;
-  ItemStats item_stats(mt + 36 * tiles * kc, kc);
+  ItemStats item_stats(mt + kXi * tiles * kc, kc);
   const int64_t xi_stride = tiles * kc;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t t = t0 + i;
@@ -944,17 +803,21 @@ bool run_winograd4(const ConvArgs& args, int64_t item, float* scratch, double* s
     for (int64_t kk = 0; kk < kvalid; kk += Vec::kWidth) {
       const int64_t kg = k0 + kk;
       const int64_t lanes = kvalid - kk;
-      V m[36];
+      V m[kXi];
 #pragma GCC unroll 36
-      for (int xi = 0; xi < 36; ++xi) m[xi] = Vec::load(m_tile + xi * xi_stride + kk);
-      V y[4][4];
-      winograd4_output(m, y);
+      for (int xi = 0; xi < kXi; ++xi) m[xi] = Vec::load(m_tile + xi * xi_stride + kk);
+      V y[M][M];
+      if constexpr (M == 2) {
+        output_transform(m, y);
+      } else {
+        winograd4_output(m, y);
+      }
       if (!with_stats && args.pool) {
-        for (int wr = 0; wr < 2; ++wr) {
-          const int64_t ph = 2 * ti + wr;
+        for (int wr = 0; wr < M / 2; ++wr) {
+          const int64_t ph = M / 2 * ti + wr;
           if (ph >= args.out_h) break;
-          for (int wc = 0; wc < 2; ++wc) {
-            const int64_t pw = 2 * tj + wc;
+          for (int wc = 0; wc < M / 2; ++wc) {
+            const int64_t pw = M / 2 * tj + wc;
             if (pw >= args.out_w) break;
             const V a[4] = {bn_relu(y[2 * wr][2 * wc], args, kg),
                             bn_relu(y[2 * wr][2 * wc + 1], args, kg),
@@ -973,11 +836,11 @@ bool run_winograd4(const ConvArgs& args, int64_t item, float* scratch, double* s
         }
         continue;
       }
-      for (int r = 0; r < 4; ++r) {
-        const int64_t oh = 4 * ti + r;
+      for (int r = 0; r < M; ++r) {
+        const int64_t oh = M * ti + r;
         if (oh >= args.h) break;
-        for (int s = 0; s < 4; ++s) {
-          const int64_t ow = 4 * tj + s;
+        for (int s = 0; s < M; ++s) {
+          const int64_t ow = M * tj + s;
           if (ow >= args.w) break;
           float* out = args.y + ((n * args.out_h + oh) * args.out_w + ow) * args.k + kg;
           if (with_stats) {
@@ -1219,7 +1082,7 @@ inline void masked_gradient(const MaskedGradientArgs& a, int64_t begin, int64_t 
 // Input channels per GEMM work item: the rows of the GEMM's register tiles.
 constexpr int64_t kWgradRows = 8 * kRows;
 
-// The 4x4 input patch of tile t (global index), loaded as in winograd_input.
+// The 4x4 input patch of tile t (global index), loaded as in winograd_input_tiles<2>.
 inline void wgrad_tile_rows(const WgradArgs& a, int64_t t, const float* (&rows)[4],
                             bool (&col_ok)[4], int64_t& iw0) {
   const int64_t tj = t % a.tiles_w;
@@ -1525,9 +1388,18 @@ void linear_rows(const LinearArgs& a, int64_t begin, int64_t end) {
 }
 
 constexpr KernelTable make_table(const char* isa) {
-  return KernelTable{isa,           kPanelWidth,     &plan_direct,      &plan_winograd,
-                     &plan_winograd4, &pack_direct,  &pack_winograd,    &pack_winograd4,
-                     &run_direct,   &run_winograd,   &run_winograd4,    &bn_backward_reduce,
+  return KernelTable{isa,
+                     kPanelWidth,
+                     &plan_direct,
+                     &plan_winograd_tiles<2>,
+                     &plan_winograd_tiles<4>,
+                     &pack_direct,
+                     &pack_winograd,
+                     &pack_winograd4,
+                     &run_direct,
+                     &run_winograd_tiles<2>,
+                     &run_winograd_tiles<4>,
+                     &bn_backward_reduce,
                      &bn_backward_apply,              &masked_gradient,
                      &wgrad_transform_input,          &wgrad_transform_grad,
                      &wgrad_items,  &wgrad_gemm,      &wgrad_output,

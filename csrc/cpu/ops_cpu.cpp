@@ -133,6 +133,29 @@ struct PreparedConv {
   at::Tensor x, weight, scale, shift, packed;  // keep the buffers the args point into alive
 };
 
+ConvPlan plan_for(const KernelTable& table, Algorithm algorithm, const ConvArgs& a) {
+  return algorithm == Algorithm::kWinograd4   ? table.plan_winograd4(a)
+         : algorithm == Algorithm::kWinograd2 ? table.plan_winograd(a)
+                                              : table.plan_direct(a);
+}
+
+// Packs `weight` (strides in `a`) for `algorithm` into `packed` (plan.panels panels, in
+// parallel); false when a Winograd-transformed value is not finite.
+bool pack_for(const KernelTable& table, Algorithm algorithm, const ConvArgs& a,
+              const ConvPlan& plan, const float* weight, float* packed) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, plan.panels, 1, [&](int64_t begin, int64_t end) {
+    if (algorithm == Algorithm::kWinograd4) {
+      if (!table.pack_winograd4(a, weight, packed, begin, end)) finite = false;
+    } else if (algorithm == Algorithm::kWinograd2) {
+      if (!table.pack_winograd(a, weight, packed, begin, end)) finite = false;
+    } else {
+      table.pack_direct(a, weight, packed, begin, end);
+    }
+  });
+  return finite;
+}
+
 // The packed weight's layout: which kernel table (instruction set) and algorithm packed it.
 int64_t layout_of(const KernelTable* table, Algorithm algorithm) {
   const int64_t isa = table == kernels_avx512() ? 2 : table == kernels_avx2() ? 1 : 0;
@@ -186,9 +209,7 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
     a.x_w = a.w + 2;
   }
   a.x = prep.x.data_ptr<float>();
-  prep.plan = prep.algorithm == Algorithm::kWinograd4 ? prep.table->plan_winograd4(a)
-              : transformed                            ? prep.table->plan_winograd(a)
-                                                       : prep.table->plan_direct(a);
+  prep.plan = plan_for(*prep.table, prep.algorithm, a);
   if (prepacked.defined() && !dgrad && prepacked_layout == layout_of(prep.table, prep.algorithm) &&
       prepacked.numel() == prep.plan.packed_floats) {
     prep.packed = prepacked;
@@ -201,17 +222,7 @@ PreparedConv prepare_conv(const at::Tensor& x_in, const at::Tensor& weight_in, b
   // dgrad: tap (r, s) reads the weight's tap (R - 1 - r, R - 1 - s)
   const float* w = prep.weight.data_ptr<float>() +
                    (dgrad ? (a.r - 1) * (wt.stride(2) + wt.stride(3)) : 0);
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, prep.plan.panels, 1, [&](int64_t begin, int64_t end) {
-    if (prep.algorithm == Algorithm::kWinograd4) {
-      if (!prep.table->pack_winograd4(prep.args, w, packed, begin, end)) finite = false;
-    } else if (transformed) {
-      if (!prep.table->pack_winograd(prep.args, w, packed, begin, end)) finite = false;
-    } else {
-      prep.table->pack_direct(prep.args, w, packed, begin, end);
-    }
-  });
-  prep.weights_finite = finite;
+  prep.weights_finite = pack_for(*prep.table, prep.algorithm, a, prep.plan, w, packed);
   a.packed_weight = packed;
   return prep;
 }
@@ -347,23 +358,11 @@ std::optional<at::Tensor> pack_conv_weight(const at::Tensor& weight_in, int64_t 
   a.out_h = a.out_w = 4;
   a.threads = at::get_num_threads();
   const auto kind = static_cast<Algorithm>(algorithm);
-  const ConvPlan plan = kind == Algorithm::kWinograd4   ? table->plan_winograd4(a)
-                        : kind == Algorithm::kWinograd2 ? table->plan_winograd(a)
-                                                        : table->plan_direct(a);
+  const ConvPlan plan = plan_for(*table, kind, a);
   at::Tensor packed = at::empty({plan.packed_floats}, weight.options());
-  float* out = packed.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, plan.panels, 1, [&](int64_t begin, int64_t end) {
-    if (kind == Algorithm::kWinograd4) {
-      if (!table->pack_winograd4(a, w, out, begin, end)) finite = false;
-    } else if (kind == Algorithm::kWinograd2) {
-      if (!table->pack_winograd(a, w, out, begin, end)) finite = false;
-    } else {
-      table->pack_direct(a, w, out, begin, end);
-    }
-  });
-  if (!finite) return std::nullopt;
+  if (!pack_for(*table, kind, a, plan, weight.data_ptr<float>(), packed.data_ptr<float>())) {
+    return std::nullopt;
+  }
   return packed;
 }
 
