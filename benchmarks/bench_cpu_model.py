@@ -35,9 +35,7 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,34 +49,7 @@ sys.path.insert(0, str(ROOT))
 import vgg_kernels  # noqa: E402
 from vgg_kernels import FusedVGG  # noqa: E402
 from vgg_kernels.backends import native, resolve_backend  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _tree_dirty() -> bool | None:
-    """True when the working tree differs from the commit named in the result."""
-    try:
-        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=ROOT, text=True, capture_output=True,
-                                   check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None
+from vgg_kernels.bench.environment import cpu_name, git_commit, slugify  # noqa: E402
 
 
 def _load_average() -> list[float] | None:
@@ -251,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples[name].append(time.perf_counter() - began)
         load_after = _load_average()
 
+    commit, dirty = git_commit()
     stats = {name: _summary(s) for name, s in samples.items()}
     fused_median = stats["fused"]["median_s"]
     ratios = {f"{name}_over_fused": stats[name]["median_s"] / fused_median
@@ -263,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         "suite": "cpu_model",
         "environment": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git_sha(),
-            "tree_dirty": _tree_dirty(),
-            "cpu": _cpu_name(),
+            "commit": commit[:7] if commit else "unknown",
+            "tree_dirty": dirty,
+            "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -312,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     if out.suffix != ".json":
-        slug = re.sub(r"[^a-z0-9]+", "-", _cpu_name().lower()).strip("-")
+        slug = slugify(cpu_name())
         day = datetime.date.today().strftime("%Y%m%d")
         suite = "cpu_train" if train else "cpu_model"
         shape = f"b{args.batch}-r{args.resolution}"

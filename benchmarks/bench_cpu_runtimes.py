@@ -20,9 +20,7 @@ import copy
 import datetime
 import json
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,28 +36,11 @@ sys.path.insert(0, str(ROOT))
 import vgg_kernels  # noqa: E402
 from vgg_kernels import FusedVGG  # noqa: E402
 from vgg_kernels.backends import native  # noqa: E402
+from vgg_kernels.bench.environment import cpu_name, git_commit, slugify  # noqa: E402
 
 BARS = {"onnxruntime": 1.25, "openvino": 1.35, "compile_freezing": 1.3}
 # FusedVGG as it comes, and after vgg_kernels.freeze (packed conv weights kept across calls)
 FUSED_VARIANTS = ("fused", "fused_frozen")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, text=True, capture_output=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def _randomised_model() -> nn.Module:
@@ -197,14 +178,15 @@ def main(argv: list[str] | None = None) -> int:
                 if bar["value"] is not None:
                     print(f"bar: {bar['variant']} at least {bar['target']}x {bar['runtime']}: "
                           f"{bar['value']:.2f}x ({'met' if bar['met'] else 'MISSED'})")
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    full_commit, dirty = git_commit()
+    commit = full_commit[:7] if full_commit else "unknown"
     result = {
         "suite": "cpu_runtimes",
         "environment": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit,
-            "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-            "cpu": _cpu_name(),
+            "tree_dirty": dirty,
+            "cpu": cpu_name(),
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "native": native.build_info(),
@@ -218,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     if out.suffix != ".json":
-        slug = re.sub(r"[^a-z0-9]+", "-", _cpu_name().lower()).strip("-")
+        slug = slugify(cpu_name())
         day = datetime.date.today().strftime("%Y%m%d")
         out = out / f"{slug}-{day}-{commit}-cpu_runtimes.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,24 +10,13 @@ Prints medians in ms per layer and row count.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from vgg_kernels.bench.timing import interleaved_medians
+
 LAYERS = [(25088, 4096), (4096, 4096), (4096, 1000)]
-
-
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            began = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - began) * 1e3)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
 
 def _error(got: torch.Tensor, oracle: torch.Tensor) -> float:
@@ -54,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(rows, fan_in)
             with torch.no_grad():
                 operands = (x, weight, bias)
-                times = _interleaved({"torch": lambda a=operands: F.linear(*a),
+                times = interleaved_medians({"torch": lambda a=operands: F.linear(*a),
                                       "native": lambda a=operands: kernel(*a)}, args.repeats)
                 oracle = F.linear(x.double(), weight.double(), bias.double())
                 errors = (_error(F.linear(x, weight, bias), oracle),

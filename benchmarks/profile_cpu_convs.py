@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+
+from vgg_kernels.bench.timing import interleaved_medians
 
 FORWARD_SHAPES = ["4,64,64,112,1", "4,64,128,56", "4,128,128,56,1", "4,128,256,28",
                   "4,256,256,28", "4,256,512,14", "4,512,512,14", "4,512,512,7",
@@ -28,18 +29,6 @@ FORWARD_SHAPES = ["4,64,64,112,1", "4,64,128,56", "4,128,128,56,1", "4,128,256,2
 WGRAD_SHAPES = ["4,3,64,112", "4,8,64,64", "4,64,64,64", "4,128,128,32", "4,256,256,16",
                 "4,512,512,8", "4,512,512,4", "4,1024,256,8", "32,64,64,32", "32,256,256,8",
                 "32,512,512,4", "32,512,512,2", "4,512,512,14", "4,64,64,112"]
-
-
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            began = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - began) * 1e3)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
 
 def _with_algorithm(algorithm: str, fn):
@@ -69,7 +58,7 @@ def _forward_case(text: str, repeats: int) -> str:
                 for name in ("direct", "winograd", "winograd4", "auto")}
     variants["onednn conv"] = lambda: conv(x)
     with torch.no_grad():
-        times = _interleaved(variants, repeats)
+        times = interleaved_medians(variants, repeats)
     return (f"N{n} C{c} K{k} {h}x{h}{' pool' if pool else ''}: "
             + "  ".join(f"{name} {value:.2f}" for name, value in times.items()))
 
@@ -84,7 +73,7 @@ def _wgrad_case(text: str, repeats: int) -> str:
     x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(n, k, h, h).contiguous(memory_format=torch.channels_last)
     shape = [k, c, 3, 3]
-    times = _interleaved({"winograd": lambda: torch.ops.vgg_kernels.conv_wgrad(grad, x),
+    times = interleaved_medians({"winograd": lambda: torch.ops.vgg_kernels.conv_wgrad(grad, x),
                           "onednn": lambda: conv_wgrad_reference(grad, x, shape),
                           "chosen": lambda: BACKEND.conv_wgrad(grad, x, shape)}, repeats)
     return (f"N{n} C{c} K{k} {h}x{h} (N*H*W {n * h * h}): "

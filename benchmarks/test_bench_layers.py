@@ -52,6 +52,12 @@ def seed() -> None:
     torch.manual_seed(0)
 
 
+def _block_input(spec) -> torch.Tensor:
+    """A random channels_last input of the block ``spec``."""
+    return torch.randn(BATCH, spec.in_channels, spec.height, spec.width, device=DEVICE,
+                       dtype=SETTINGS.dtype).contiguous(memory_format=torch.channels_last)
+
+
 def _synchronized(fn):
     def call(x):
         out = fn(x)
@@ -66,8 +72,7 @@ def test_layer(benchmark, spec, backend):
     """One fused block (conv + folded BN + ReLU (+ pool)) on one backend."""
     block = build_eager_block(spec, DEVICE, SETTINGS.dtype)
     weight, scale, shift = folded_parameters(block)
-    x = torch.randn(BATCH, spec.in_channels, spec.height, spec.width, device=DEVICE,
-                    dtype=SETTINGS.dtype).contiguous(memory_format=torch.channels_last)
+    x = _block_input(spec)
     if backend == baseline_name(DEVICE):
         fn = block
     elif backend == COMPILE:
@@ -124,9 +129,7 @@ def test_layer_train(benchmark, spec, backend):
     blocks = [b for b in (eager, fused) if b is not None]
     for block in blocks:
         block.train().requires_grad_(True)
-    x = torch.randn(BATCH, spec.in_channels, spec.height, spec.width, device=DEVICE,
-                    dtype=SETTINGS.dtype).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    x = _block_input(spec).requires_grad_(True)
     block = blocks[-1]
     params = [x, *block.parameters()]
 
@@ -152,9 +155,7 @@ def test_layer_input_gradient(benchmark, spec, backend):
     input: a perceptual loss's path."""
     eager, fused = _block_pair(spec, backend)
     block = fused if fused is not None else eager
-    x = torch.randn(BATCH, spec.in_channels, spec.height, spec.width, device=DEVICE,
-                    dtype=SETTINGS.dtype).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    x = _block_input(spec).requires_grad_(True)
 
     def step(inp):
         out = block(inp)

@@ -107,6 +107,20 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
+def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN parameters and running statistics (where tracked), so that eval-mode folds are
+    not the identity; returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                if m.track_running_stats:
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.fixture
 def native_cpu():
     """The native backend, or a skip saying why it cannot run CPU float32 here."""

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
+from conftest import randomize_bn, relative_error
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
@@ -38,30 +38,18 @@ TRAIN = [name for name in ("native", "triton", "reference")
          if available_backends(CPU, torch.float32, "conv_bn_relu_train")[name] is None]
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                if m.track_running_stats:
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def _stack(batch_norm: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1)]
     layers += [nn.BatchNorm2d(8)] if batch_norm else []
     layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Conv2d(8, 6, 3, padding=1)]
     layers += [nn.BatchNorm2d(6)] if batch_norm else []
     layers += [nn.ReLU(inplace=True)]
-    return _randomize_bn(nn.Sequential(*layers))
+    return randomize_bn(nn.Sequential(*layers))
 
 
 def _block_and_eager(pool: bool = True, **kwargs):
     block = FusedConvBNReLU(3, 8, pool=pool, **kwargs)
-    _randomize_bn(block)
+    randomize_bn(block)
     eager = nn.Sequential(copy.deepcopy(block.conv), copy.deepcopy(block.bn), nn.ReLU(),
                           *([nn.MaxPool2d(2)] if pool else []))
     return block, eager

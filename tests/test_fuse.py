@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_network_within_rule, assert_within_rule
+from conftest import assert_network_within_rule, assert_within_rule, randomize_bn
 from torch import nn
 
 import vgg_kernels
@@ -47,18 +47,6 @@ def counting_fused_blocks():
         yield counts
     finally:
         ops.conv_bn_relu_infer, ops.conv_bn_relu_train = infer, train
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    """Random BN parameters and statistics, so that eval-mode folds are not the identity."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def _clear_of_relu_kinks(model: nn.Module) -> nn.Module:
@@ -155,7 +143,7 @@ def test_create_feature_extractor_then_fuse():
     from torchvision.models.feature_extraction import create_feature_extractor
 
     torch.manual_seed(0)
-    model = _randomize_bn(torchvision.models.vgg16_bn(weights=None)).eval()
+    model = randomize_bn(torchvision.models.vgg16_bn(weights=None)).eval()
     nodes = {"features.22": "relu3_3", "features.32": "relu4_3"}
     eager = create_feature_extractor(copy.deepcopy(model), nodes)
     oracle = create_feature_extractor(copy.deepcopy(model).double(), nodes)
@@ -228,7 +216,7 @@ def test_edited_vgg_runs_fused_like_torchvision(edit):
     """Edits made the usual way: a one-channel first conv, ``features[:-1]`` at 16x16. The
     input checks come from the modules there, and the blocks still run fused."""
     torch.manual_seed(0)
-    theirs = _randomize_bn(torchvision.models.vgg11_bn(weights=None, num_classes=10)).eval()
+    theirs = randomize_bn(torchvision.models.vgg11_bn(weights=None, num_classes=10)).eval()
     ours = FusedVGG.from_torchvision(theirs)
     channels, size = 3, 32
     for model in (theirs, ours):
@@ -294,13 +282,13 @@ def _clients():
     from torchvision.models.feature_extraction import create_feature_extractor
 
     torch.manual_seed(0)
-    resnet = _randomize_bn(torchvision.models.resnet18(num_classes=4))
+    resnet = randomize_bn(torchvision.models.resnet18(num_classes=4))
     return {
         "sequential": nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
                                     nn.ReLU(inplace=True), nn.MaxPool2d(2),
                                     nn.Conv2d(8, 8, 1), nn.ReLU()),
         "graph_module": create_feature_extractor(
-            _randomize_bn(torchvision.models.vgg11_bn(weights=None)).eval(),
+            randomize_bn(torchvision.models.vgg11_bn(weights=None)).eval(),
             {"features.10": "relu3_1"}),
         "traced": resnet.layer1,
     }
@@ -384,7 +372,7 @@ def _hooked_pair(kind: str):
             return self.pool(self.relu(self.bn(self.conv(x))))
 
     torch.manual_seed(0)
-    eager = _randomize_bn(Block()).eval()
+    eager = randomize_bn(Block()).eval()
     if kind == "bn_forward_hook":
         eager.bn.register_forward_hook(lambda m, args, out: out * 2)
     elif kind == "conv_pre_hook":
@@ -452,7 +440,7 @@ def test_functional_relu_and_a_training_branch_are_fused_per_mode():
             return y * 2 if self.training else y
 
     torch.manual_seed(0)
-    fused, eager, oracle = _trio(_randomize_bn(Block()))
+    fused, eager, oracle = _trio(randomize_bn(Block()))
     x = torch.randn(2, 3, 6, 5)
     for mode in (True, False):
         for model in (fused, eager, oracle):
@@ -466,7 +454,7 @@ def test_sequential_subclasses_are_fused_through_tracing():
     from torchvision.ops import Conv2dNormActivation
 
     torch.manual_seed(0)
-    model = _randomize_bn(nn.Sequential(Conv2dNormActivation(3, 8), Conv2dNormActivation(8, 8),
+    model = randomize_bn(nn.Sequential(Conv2dNormActivation(3, 8), Conv2dNormActivation(8, 8),
                                         Conv2dNormActivation(8, 4, stride=2))).eval()
     fused, eager, oracle = _trio(model)
     report = fusion_report(fused)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vgg_kernels.bench.layers import _relative_error, _short_error
+from vgg_kernels.bench.layers import _relative_error, _short_error, baseline_speedups
 from vgg_kernels.bench.results import clients_prefix
 from vgg_kernels.bench.settings import (
     COMPILE,
@@ -159,16 +159,7 @@ def _finish(settings: RunSettings, suite_settings: dict[str, Any], prefix: str,
                       "images_per_s_low": count / stats.p80,
                       "images_per_s_high": count / stats.p20, **extra[variant]})
         log(f"  {variant}: {stats.median:.1f} ms, {count / stats.median:.1f} img/s")
-    base = next((case for case in cases if case["variant"] == baseline), None)
-    speedups: dict[str, dict[str, float]] = {}
-    for case in cases:
-        if base is None:
-            break
-        case["speedup"] = base["median_ms"] / case["median_ms"]
-        case["speedup_low"] = base["p20_ms"] / case["p80_ms"]
-        case["speedup_high"] = base["p80_ms"] / case["p20_ms"]
-        speedups[case["variant"]] = {"value": case["speedup"], "low": case["speedup_low"],
-                                     "high": case["speedup_high"]}
+    speedups = baseline_speedups(cases, baseline)
     return {"settings": suite_settings, "wall_s": time.perf_counter() - began, "cases": cases,
             "skipped": skipped, "summary": {"baseline": baseline, "speedup": speedups},
             "interrupted": interrupted}

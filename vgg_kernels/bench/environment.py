@@ -33,7 +33,8 @@ def device_slug(device: torch.device) -> str:
     return "cpu"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -91,7 +92,7 @@ def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]
     commit, dirty = git_commit()
     env: dict[str, Any] = {
         "device_type": device.type,
-        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device_name": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "device_slug": device_slug(device),
         "compute_capability": None,
         "driver": None,

@@ -226,14 +226,26 @@ def _run_layer(spec: LayerSpec, settings: RunSettings, fused: list[str], compile
     return cases, skipped
 
 
-def set_speedups(cases: list[dict[str, Any]]) -> None:
-    """Each case's speedup (median, and the spread's low and high ends) over the first, the
-    baseline."""
-    base = cases[0]
+def set_speedups(cases: list[dict[str, Any]], base: dict[str, Any] | None = None) -> None:
+    """Each case's speedup (median, and the spread's low and high ends) over ``base``, by
+    default the first case."""
+    base = cases[0] if base is None else base
     for case in cases:
         case["speedup"] = base["median_ms"] / case["median_ms"]
         case["speedup_low"] = base["p20_ms"] / case["p80_ms"]
         case["speedup_high"] = base["p80_ms"] / case["p20_ms"]
+
+
+def baseline_speedups(cases: list[dict[str, Any]], baseline: str
+                      ) -> dict[str, dict[str, float]]:
+    """``set_speedups`` over the case of variant ``baseline``; the summary, variant ->
+    {value, low, high} (empty when the baseline did not run)."""
+    base = next((case for case in cases if case["variant"] == baseline), None)
+    if base is None:
+        return {}
+    set_speedups(cases, base)
+    return {case["variant"]: {"value": case["speedup"], "low": case["speedup_low"],
+                              "high": case["speedup_high"]} for case in cases}
 
 
 def run_layers(settings: RunSettings, peak: dict[str, Any],

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vgg_kernels.bench.layers import _relative_error, _short_error
+from vgg_kernels.bench.layers import _relative_error, _short_error, baseline_speedups
 from vgg_kernels.bench.results import perceptual_prefix
 from vgg_kernels.bench.settings import (
     COMPILE,
@@ -229,16 +229,7 @@ def run_perceptual(settings: RunSettings, peak: dict[str, Any],
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = cases[0] if cases and cases[0]["variant"] == baseline else None
-    speedups: dict[str, dict[str, float]] = {}
-    for case in cases:
-        if base is None:
-            break
-        case["speedup"] = base["median_ms"] / case["median_ms"]
-        case["speedup_low"] = base["p20_ms"] / case["p80_ms"]
-        case["speedup_high"] = base["p80_ms"] / case["p20_ms"]
-        speedups[case["variant"]] = {"value": case["speedup"], "low": case["speedup_low"],
-                                     "high": case["speedup_high"]}
+    speedups = baseline_speedups(cases, baseline)
     return {"settings": suite_settings, "wall_s": time.perf_counter() - began, "cases": cases,
             "skipped": skipped, "summary": {"baseline": baseline, "speedup": speedups},
             "interrupted": interrupted}

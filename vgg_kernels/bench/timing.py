@@ -152,6 +152,16 @@ def time_interleaved(fns: dict[str, Callable[[Any], object]], inputs: Sequence[A
     return samples
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 1) -> dict[str, float]:
+    """The median milliseconds of each argument-free function on the CPU, timed in
+    interleaved rounds (``time_interleaved``); the upper median for an even count."""
+    samples = time_interleaved({name: (lambda _, fn=fn: fn()) for name, fn in fns.items()},
+                               [None], device=torch.device("cpu"), warmup=warmup,
+                               repeats=repeats)
+    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+
+
 def time_first_call(fn: Callable[[Any], object], example: Any, device: torch.device) -> float:
     """Seconds for one call including compilation/autotuning (wall clock, synchronized)."""
     synchronize(device)
