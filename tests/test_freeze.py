@@ -176,3 +176,15 @@ def test_packed_op_matches_the_plain_op_and_refuses_foreign_layouts(native_cpu):
                                      * scale.double()[:, None, None]
                                      + shift.double()[:, None, None]), 2)
     torch.testing.assert_close(want.double(), oracle, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_built_under_inference_mode_freezes(native_cpu):
+    """Inference tensors have no version counter: their packed forms are kept by storage."""
+    with torch.inference_mode():
+        plain, frozen = _model(), vgg_kernels.freeze(_model())
+        assert frozen[0].weight.is_inference()
+        x = torch.randn(2, 3, 8, 8)
+        want = plain(x)
+        assert torch.equal(frozen(x), want)
+        assert torch.equal(frozen(x), want)
+    assert all(len(store) == 1 for store in _stores(frozen))

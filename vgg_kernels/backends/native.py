@@ -270,7 +270,9 @@ class PackedWeights:
             ) -> tuple[torch.Tensor, int] | None:
         """(packed, layout) for this call, or None where the packed weight is not finite."""
         layout = torch.ops.vgg_kernels.conv_weight_layout(x, weight, pool)
-        stamp = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()))
+        # inference tensors (a model built under torch.inference_mode) have no version counter
+        version = None if weight.is_inference() else weight._version
+        stamp = (weight.data_ptr(), version, tuple(weight.shape), tuple(weight.stride()))
         with self._lock:
             if stamp != self._stamp:
                 self._packed.clear()
