@@ -101,13 +101,14 @@ def freeze(module: nn.Module) -> nn.Module:
     inference does not see writes to the conv weights that torch does not track (``.data``,
     numpy views, another process writing a shared model) until ``unfreeze`` (or ``freeze``
     again). Writes torch does track (optimizer steps, in-place ops, ``load_state_dict``) repack
-    on the next call. Training, gradients, tapped activations and other backends and devices
-    run as without it.
+    on the next call; weights that are inference tensors (built under
+    ``torch.inference_mode``) have no version counter, so only a new storage repacks them.
+    Training, gradients, tapped activations and other backends and devices run as without it.
 
     What it saves is the packing, which the kernels otherwise redo on every call: on a 2-core
-    Zen 4, VGG16-BN at batch 4, 112x112 runs about 10 ms (15%) faster
-    (``benchmarks/bench_cpu_model.py``); the packed forms take 1.8x (F(2x2)) to 4x (F(4x4))
-    the weights' memory per layout used.
+    Zen 4, VGG16-BN runs 1.11-1.18x faster at batch 4, 112x112 and 1.49x at batch 1, 112x112
+    (``benchmarks/bench_cpu_model.py``, ``benchmarks/bench_cpu_runtimes.py``); the packed
+    forms take 1.8x (F(2x2)) to 4x (F(4x4)) the weights' memory per layout used.
 
     ``module`` must have been through ``fuse`` (``FusedVGG`` has); parametrized conv weights
     (weight_norm, spectral_norm) are computed on every call and are not kept."""
